@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 
@@ -19,7 +20,7 @@ class Question:
     """Free-form extras (difficulty, source row, choices)."""
 
 
-class Task:
+class Task(ABC):
     """Base class. Subclasses set `name`, fill `questions` and implement `extract`/`equivalent`."""
 
     name: str = "task"
@@ -30,9 +31,9 @@ class Task:
     def __len__(self) -> int:
         return len(self.questions)
 
+    @abstractmethod
     def extract(self, completion: str) -> str | None:
         """The final answer stated in a completion, or None when it states none."""
-        raise NotImplementedError
 
     def equivalent(self, predicted: str, reference: str) -> bool:
         """Whether an extracted answer matches the reference."""
