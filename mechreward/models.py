@@ -159,7 +159,10 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def text_config(model: nn.Module):
-    config = unwrap(model).config
+    base = unwrap(model)
+    config = getattr(base, "config", None)
+    if config is None:
+        raise ModelError(f"{type(base).__name__} is not a Hugging Face causal LM (it has no config)")
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
