@@ -1,0 +1,452 @@
+"""Statistics shared by the layer map, the probe and the gates (G1, G2).
+
+Thin, validated wrappers around scipy.stats plus the few things scipy does not do in the shape
+the gates need (cluster bootstrap over questions, vectorised effect sizes and AUROC over
+feature columns, partial Spearman). Conventions:
+
+- "pos" is the correct class, "neg" the wrong one; labels are 0/1 (or bool), 1 = correct.
+- Shapes are in the names or docstrings: `[n]` one value per response, `[n, F]` one column
+  per feature; vectorised functions work over the feature axis and return `[F]`.
+- Degenerate input (NaN/inf, n < 3, a constant array, labels of one class only) raises
+  `DataError` naming the problem instead of returning NaN: a gate must not print "rho = nan".
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Callable, NamedTuple, Sequence
+
+import numpy as np
+from scipy import stats as sps
+
+from .errors import DataError
+
+MIN_N = 3
+"""Fewest paired observations a correlation is computed on."""
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _as_float(name: str, x, ndim: tuple[int, ...] = (1,)) -> np.ndarray:
+    a = np.asarray(x, dtype=np.float64)
+    if a.ndim not in ndim:
+        raise DataError(f"{name} must have {' or '.join(map(str, ndim))} dimensions, got shape {a.shape}")
+    if not np.all(np.isfinite(a)):
+        bad = int(np.size(a) - np.count_nonzero(np.isfinite(a)))
+        raise DataError(f"{name} contains {bad} NaN/inf value(s) (shape {a.shape})")
+    return a
+
+
+def _check_paired(x: np.ndarray, y: np.ndarray, xname: str = "x", yname: str = "y") -> None:
+    if x.shape[0] != y.shape[0]:
+        raise DataError(f"{xname} and {yname} differ in length: {x.shape[0]} vs {y.shape[0]}")
+    if x.shape[0] < MIN_N:
+        raise DataError(f"need at least {MIN_N} paired values, got n={x.shape[0]}")
+
+
+def _check_not_constant(name: str, a: np.ndarray) -> None:
+    if np.ptp(a) == 0:
+        raise DataError(f"{name} is constant (all {a.flat[0]:g}, n={a.shape[0]}): correlation undefined")
+
+
+def _as_labels(labels, n: int | None = None) -> np.ndarray:
+    """0/1 labels `[n]` as bool; both classes must be present."""
+    lab = np.asarray(labels)
+    if lab.ndim != 1:
+        raise DataError(f"labels must be 1-D, got shape {lab.shape}")
+    if n is not None and lab.shape[0] != n:
+        raise DataError(f"labels have length {lab.shape[0]} but scores have {n} rows")
+    if lab.dtype != bool:
+        labf = lab.astype(np.float64)
+        if not np.all(np.isin(labf, (0.0, 1.0))):
+            odd = labf[~np.isin(labf, (0.0, 1.0))][:3]
+            raise DataError(f"labels must be 0/1, got values like {odd.tolist()}")
+        lab = labf == 1.0
+    n_pos = int(lab.sum())
+    if n_pos == 0 or n_pos == lab.shape[0]:
+        raise DataError(f"labels are all {int(n_pos > 0)} (n={lab.shape[0]}): need both classes")
+    return lab
+
+
+# ----------------------------------------------------------------------------- effect sizes
+
+
+def cohens_d(x_pos, x_neg, axis: int = 0) -> np.ndarray:
+    """Cohen's d of pos (correct) minus neg (wrong), as in GATES.md.
+
+    d = (mean_pos - mean_neg) / sqrt((var_pos + var_neg) / 2), variances with ddof=1
+    (the unweighted pooled SD of the published protocol, not the n-weighted one).
+
+    x_pos: `[n_pos, F]` (or `[n_pos]`), x_neg: `[n_neg, F]`; reduced over `axis` → `[F]`.
+    A feature whose pooled variance is 0 (e.g. never fires) gets d = 0, not NaN/inf.
+    """
+    a = _as_float("x_pos", x_pos, ndim=(1, 2, 3))
+    b = _as_float("x_neg", x_neg, ndim=(1, 2, 3))
+    for name, arr in (("x_pos", a), ("x_neg", b)):
+        if arr.shape[axis] < 2:
+            raise DataError(f"{name} needs at least 2 rows for a ddof=1 variance, got {arr.shape[axis]}")
+    diff = a.mean(axis=axis) - b.mean(axis=axis)
+    sd = np.sqrt((a.var(axis=axis, ddof=1) + b.var(axis=axis, ddof=1)) / 2.0)
+    # Relative threshold: float noise of a constant column must not become a huge d.
+    tiny = sd <= 1e-12 * np.maximum(1.0, np.maximum(np.abs(a).max(axis=axis), np.abs(b).max(axis=axis)))
+    d = np.divide(diff, sd, out=np.zeros_like(diff), where=~tiny)
+    return d
+
+
+def auroc(scores, labels) -> np.ndarray | float:
+    """Area under the ROC curve of `scores` for `labels` (1 = positive), ties counted 1/2.
+
+    Computed from average ranks: AUROC = U / (n_pos * n_neg), U the Mann-Whitney statistic of
+    the positives. scores `[n]` → float; scores `[n, F]` → `[F]` (one AUROC per column).
+    """
+    s = _as_float("scores", scores, ndim=(1, 2))
+    lab = _as_labels(labels, s.shape[0])
+    n_pos = int(lab.sum())
+    n_neg = lab.shape[0] - n_pos
+    ranks = sps.rankdata(s, axis=0)  # average ranks: ties get 1/2 credit
+    u = ranks[lab].sum(axis=0) - n_pos * (n_pos + 1) / 2.0
+    out = u / (n_pos * n_neg)
+    return float(out) if s.ndim == 1 else out
+
+
+def mann_whitney_p(x_pos, x_neg) -> np.ndarray | float:
+    """Two-sided Mann-Whitney U p-value per feature (scipy, method 'auto').
+
+    x_pos `[n_pos, F]`, x_neg `[n_neg, F]` → `[F]` (1-D inputs → float). A feature constant
+    over both groups has no evidence of a difference: p = 1 (scipy would give NaN).
+    """
+    a = _as_float("x_pos", x_pos, ndim=(1, 2))
+    b = _as_float("x_neg", x_neg, ndim=(1, 2))
+    if a.shape[0] < 1 or b.shape[0] < 1:
+        raise DataError(f"both groups need at least one row, got n_pos={a.shape[0]}, n_neg={b.shape[0]}")
+    if a.shape[1:] != b.shape[1:]:
+        raise DataError(f"x_pos and x_neg have different feature counts: {a.shape} vs {b.shape}")
+    both = np.concatenate([a, b], axis=0)
+    const = np.ptp(both, axis=0) == 0
+    p = np.ones(both.shape[1:], dtype=np.float64)
+    if np.any(~const):
+        if a.ndim == 1:
+            p = np.asarray(sps.mannwhitneyu(a, b, alternative="two-sided").pvalue, dtype=np.float64)
+        else:
+            p[~const] = sps.mannwhitneyu(a[:, ~const], b[:, ~const], axis=0, alternative="two-sided").pvalue
+    return float(p) if a.ndim == 1 else p
+
+
+def benjamini_hochberg(p) -> np.ndarray:
+    """Benjamini-Hochberg adjusted p-values (q-values), `[m]` → `[m]`.
+
+    Same numbers as `scipy.stats.false_discovery_control(p, method="bh")`.
+    """
+    pa = _as_float("p", p, ndim=(1,))
+    if pa.size == 0:
+        raise DataError("no p-values to adjust (empty array)")
+    if np.any((pa < 0) | (pa > 1)):
+        raise DataError(f"p-values must lie in [0, 1], got min {pa.min():g}, max {pa.max():g}")
+    return sps.false_discovery_control(pa, method="bh")
+
+
+# ----------------------------------------------------------------------------- correlations
+
+
+class Correlation(NamedTuple):
+    """A correlation coefficient and its two-sided p-value; unpacks as `(stat, p)`."""
+
+    stat: float
+    """rho (Spearman) or r (Pearson), in [-1, 1]."""
+    p: float
+    """Two-sided p-value from scipy's (or, for partial Spearman, the t) reference distribution."""
+
+
+def _paired(x, y) -> tuple[np.ndarray, np.ndarray]:
+    xa = _as_float("x", x)
+    ya = _as_float("y", y)
+    _check_paired(xa, ya)
+    _check_not_constant("x", xa)
+    _check_not_constant("y", ya)
+    return xa, ya
+
+
+def spearman(x, y) -> Correlation:
+    """Spearman rank correlation of `x [n]` and `y [n]` with scipy's two-sided p-value."""
+    xa, ya = _paired(x, y)
+    res = sps.spearmanr(xa, ya)
+    return Correlation(float(res.statistic), float(res.pvalue))
+
+
+def pearson(x, y) -> Correlation:
+    """Pearson correlation of `x [n]` and `y [n]` with scipy's two-sided p-value."""
+    xa, ya = _paired(x, y)
+    res = sps.pearsonr(xa, ya)
+    return Correlation(float(res.statistic), float(res.pvalue))
+
+
+def partial_spearman(x, y, covariate) -> Correlation:
+    """Spearman correlation of `x [n]` and `y [n]` controlling for `covariate [n]` or `[n, k]`.
+
+    Each variable is ranked (average ranks); the covariates' ranks (with an intercept) are
+    regressed out of the ranks of x and of y by least squares, and the residuals are
+    correlated (Pearson). With one covariate this equals the textbook
+    (r_xy - r_xz r_yz) / sqrt((1 - r_xz^2)(1 - r_yz^2)) on Spearman coefficients.
+
+    p-value: two-sided, from t = r sqrt(df / (1 - r^2)) on df = n - 2 - k degrees of
+    freedom (k = number of covariates), the usual partial-correlation test.
+    """
+    xa, ya = _paired(x, y)
+    z = _as_float("covariate", covariate, ndim=(1, 2))
+    z = z[:, None] if z.ndim == 1 else z
+    if z.shape[0] != xa.shape[0]:
+        raise DataError(f"covariate has {z.shape[0]} rows but x has {xa.shape[0]}")
+    k = z.shape[1]
+    n = xa.shape[0]
+    df = n - 2 - k
+    if df < 1:
+        raise DataError(f"partial correlation with {k} covariate(s) needs n >= {k + 3}, got n={n}")
+    for j in range(k):
+        _check_not_constant(f"covariate column {j}", z[:, j])
+    design = np.column_stack([np.ones(n), sps.rankdata(z, axis=0)])  # [n, 1 + k]
+    ranks = np.column_stack([sps.rankdata(xa), sps.rankdata(ya)])  # [n, 2]
+    coef, *_ = np.linalg.lstsq(design, ranks, rcond=None)
+    resid = ranks - design @ coef  # [n, 2]
+    norms = np.linalg.norm(resid, axis=0)
+    scale = np.linalg.norm(ranks - ranks.mean(axis=0), axis=0)
+    if np.any(norms <= 1e-10 * scale):
+        which = "x" if norms[0] <= 1e-10 * scale[0] else "y"
+        raise DataError(f"{which} is fully explained by the covariate's ranks: partial correlation undefined")
+    r = float(np.clip(resid[:, 0] @ resid[:, 1] / (norms[0] * norms[1]), -1.0, 1.0))
+    if abs(r) >= 1.0:
+        p = 0.0
+    else:
+        t = r * np.sqrt(df / (1.0 - r * r))
+        p = float(2.0 * sps.t.sf(abs(t), df))
+    return Correlation(r, p)
+
+
+# ----------------------------------------------------------------------------- resampling
+
+
+class BootstrapCI(NamedTuple):
+    """A percentile bootstrap confidence interval."""
+
+    estimate: float
+    """The statistic on the full (not resampled) data."""
+    low: float
+    high: float
+    n_valid: int
+    """Resamples the statistic could be computed on (resamples that raised DataError, e.g.
+    one-class labels, or gave a non-finite value are left out of the percentiles)."""
+
+
+def _stat_value(v) -> float:
+    """A statistic function may return a number or a tuple whose first item is the number."""
+    if isinstance(v, tuple):
+        v = v[0]
+    return float(v)
+
+
+def _percentile_ci(
+    estimate: float, draws: list[float], n_boot: int, level: float
+) -> BootstrapCI:
+    if len(draws) < max(2, n_boot // 2):
+        raise DataError(
+            f"bootstrap statistic could be computed on only {len(draws)} of {n_boot} resamples "
+            "(too few distinct values or one-class resamples): data too small for a CI"
+        )
+    alpha = (1.0 - level) / 2.0
+    lo, hi = np.quantile(np.asarray(draws), [alpha, 1.0 - alpha])
+    return BootstrapCI(float(estimate), float(lo), float(hi), len(draws))
+
+
+def _check_level(level: float) -> None:
+    if not 0.0 < level < 1.0:
+        raise DataError(f"confidence level must be in (0, 1), got {level}")
+
+
+def bootstrap_ci(
+    stat_fn: Callable[..., float | tuple],
+    *arrays,
+    groups=None,
+    n_boot: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> BootstrapCI:
+    """Percentile bootstrap CI of `stat_fn(*arrays)`; all arrays share their first axis `[n, ...]`.
+
+    With `groups [n]` (question ids), whole clusters are resampled with replacement: every
+    response of a drawn question comes along, so several rollouts of one question do not
+    count as independent evidence. Without groups, rows are resampled.
+    `stat_fn` returns a float or a tuple whose first element is the statistic (so
+    `stats.spearman` can be passed directly).
+    """
+    _check_level(level)
+    if n_boot < 1:
+        raise DataError(f"n_boot must be >= 1, got {n_boot}")
+    if not arrays:
+        raise DataError("bootstrap_ci needs at least one data array")
+    arrs = [np.asarray(a) for a in arrays]
+    n = arrs[0].shape[0]
+    for i, a in enumerate(arrs):
+        if a.shape[0] != n:
+            raise DataError(f"array {i} has {a.shape[0]} rows, array 0 has {n}")
+    estimate = _stat_value(stat_fn(*arrs))
+    rng = np.random.default_rng(seed)
+
+    if groups is None:
+        clusters = [np.array([i]) for i in range(n)]
+        idx_sets = None
+    else:
+        g = np.asarray(groups)
+        if g.shape != (n,):
+            raise DataError(f"groups must have shape ({n},), got {g.shape}")
+        _, inv = np.unique(g, return_inverse=True)
+        order = np.argsort(inv, kind="stable")
+        bounds = np.flatnonzero(np.diff(inv[order])) + 1
+        clusters = np.split(order, bounds)
+        idx_sets = clusters
+    n_clusters = len(clusters)
+    if n_clusters < 2:
+        raise DataError(f"bootstrap needs at least 2 clusters/rows, got {n_clusters}")
+
+    draws: list[float] = []
+    for _ in range(n_boot):
+        pick = rng.integers(0, n_clusters, size=n_clusters)
+        idx = pick if idx_sets is None else np.concatenate([idx_sets[c] for c in pick])
+        try:
+            v = _stat_value(stat_fn(*(a[idx] for a in arrs)))
+        except DataError:
+            continue
+        if np.isfinite(v):
+            draws.append(v)
+    return _percentile_ci(estimate, draws, n_boot, level)
+
+
+def paired_bootstrap_ci(
+    a, b, n_boot: int = 10000, seed: int = 0, level: float = 0.95
+) -> BootstrapCI:
+    """Percentile bootstrap CI of mean(a - b) for paired values `a [n]`, `b [n]`.
+
+    The pair (a_i, b_i) is the unit resampled (e.g. the R1 and R0 accuracy of seed i in G2).
+    With n = 3 seeds there are only 10 distinct resamples: the CI is coarse, and says so by
+    being wide. Vectorised (one [n_boot, n] index draw).
+    """
+    _check_level(level)
+    aa = _as_float("a", a)
+    bb = _as_float("b", b)
+    if aa.shape != bb.shape:
+        raise DataError(f"a and b must be paired (same length), got {aa.shape[0]} vs {bb.shape[0]}")
+    if aa.shape[0] < 2:
+        raise DataError(f"paired bootstrap needs at least 2 pairs, got n={aa.shape[0]}")
+    diff = aa - bb  # [n]
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, diff.shape[0], size=(n_boot, diff.shape[0]))  # [n_boot, n]
+    means = diff[idx].mean(axis=1)  # [n_boot]
+    alpha = (1.0 - level) / 2.0
+    lo, hi = np.quantile(means, [alpha, 1.0 - alpha])
+    return BootstrapCI(float(diff.mean()), float(lo), float(hi), int(n_boot))
+
+
+def _permutation_indices(rng: np.random.Generator, n: int, n_perm: int) -> np.ndarray:
+    return rng.permuted(np.tile(np.arange(n), (n_perm, 1)), axis=1)  # [n_perm, n]
+
+
+def permutation_p(
+    x,
+    y,
+    stat: Callable[..., float | tuple] = spearman,
+    n_perm: int = 10000,
+    seed: int = 0,
+    chunk: int = 2000,
+) -> float:
+    """Two-sided permutation p-value of `stat(x [n], y [n])`, permuting y.
+
+    p = min(1, 2 * min(P_greater, P_less)) with P_greater = (1 + #{t* >= t}) / (n_perm + 1)
+    (the +1 counts the observed arrangement, so p is never 0), as scipy.stats.permutation_test
+    defines two-sided. `stat` returns a float or a tuple whose first item is the statistic.
+    `spearman` and `pearson` take a vectorised path (same permutations, same numbers as calling
+    them one by one).
+    """
+    xa, ya = _paired(x, y)
+    if n_perm < 1:
+        raise DataError(f"n_perm must be >= 1, got {n_perm}")
+    observed = _stat_value(stat(xa, ya))
+    rng = np.random.default_rng(seed)
+    n = xa.shape[0]
+    fast = stat is spearman or stat is pearson
+    if fast:
+        xv = sps.rankdata(xa) if stat is spearman else xa
+        yv = sps.rankdata(ya) if stat is spearman else ya
+        xc = (xv - xv.mean()) / np.linalg.norm(xv - xv.mean())
+        yc = (yv - yv.mean()) / np.linalg.norm(yv - yv.mean())
+    perm_stats = np.empty(n_perm, dtype=np.float64)
+    done = 0
+    while done < n_perm:
+        m = min(chunk, n_perm - done)
+        idx = _permutation_indices(rng, n, m)  # [m, n]
+        if fast:
+            perm_stats[done:done + m] = yc[idx] @ xc
+        else:
+            for j in range(m):
+                perm_stats[done + j] = _stat_value(stat(xa, ya[idx[j]]))
+        done += m
+    tol = 1e-12 * max(1.0, abs(observed))  # float noise must not decide ties
+    p_greater = (1 + np.count_nonzero(perm_stats >= observed - tol)) / (n_perm + 1)
+    p_less = (1 + np.count_nonzero(perm_stats <= observed + tol)) / (n_perm + 1)
+    return float(min(1.0, 2.0 * min(p_greater, p_less)))
+
+
+# ----------------------------------------------------------------------------- summary
+
+
+@dataclass(frozen=True)
+class CorrelationSummary:
+    """Everything G1 reports about a score against 0/1 correctness."""
+
+    rho: float
+    """Spearman rho(score, label) (the published statistic)."""
+    p: float
+    """scipy's two-sided p-value for rho."""
+    ci95: tuple[float, float]
+    """95% percentile bootstrap CI of rho (clusters = groups when given)."""
+    permutation_p: float
+    """Two-sided permutation p-value of rho (+1 corrected)."""
+    auroc: float
+    """AUROC of score for label (ties 1/2)."""
+    pearson: float
+    """Pearson r (point-biserial, since label is 0/1)."""
+    pearson_p: float
+    n: int
+    """Number of responses."""
+    n_pos: int
+    """Number of correct responses."""
+    n_groups: int
+    """Number of distinct groups (questions); n when no groups were given."""
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["ci95"] = list(self.ci95)
+        return d
+
+
+def correlation_summary(
+    score,
+    label,
+    groups: Sequence | np.ndarray | None = None,
+    n_boot: int = 2000,
+    n_perm: int = 10000,
+    seed: int = 0,
+) -> CorrelationSummary:
+    """Spearman rho with p, bootstrap CI (over groups when given), permutation p, AUROC and
+    Pearson of `score [n]` against 0/1 `label [n]`."""
+    s = _as_float("score", score)
+    lab = _as_labels(label, s.shape[0])
+    y = lab.astype(np.float64)
+    rho = spearman(s, y)
+    r = pearson(s, y)
+    ci = bootstrap_ci(spearman, s, y, groups=groups, n_boot=n_boot, seed=seed, level=0.95)
+    perm = permutation_p(s, y, spearman, n_perm=n_perm, seed=seed)
+    n_groups = s.shape[0] if groups is None else int(np.unique(np.asarray(groups)).size)
+    return CorrelationSummary(
+        rho=rho.stat, p=rho.p, ci95=(ci.low, ci.high), permutation_p=perm,
+        auroc=float(auroc(s, lab)), pearson=r.stat, pearson_p=r.p,
+        n=int(s.shape[0]), n_pos=int(lab.sum()), n_groups=n_groups,
+    )
