@@ -1,0 +1,277 @@
+"""mechreward.stats against scipy and brute force on synthetic data with known answers."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pytest
+from scipy import stats as sps
+
+from mechreward import stats as S
+from mechreward.errors import DataError
+
+
+def correlated(n, rho, seed):
+    """Bivariate normal pair with Pearson correlation rho; Spearman = 6/pi asin(rho/2)."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=n)
+    y = rho * x + np.sqrt(1 - rho**2) * rng.normal(size=n)
+    return x, y
+
+
+def true_spearman(rho):
+    return 6 / np.pi * np.arcsin(rho / 2)
+
+
+# ----------------------------------------------------------------------------- cohens_d
+
+
+def test_cohens_d_matches_hand_computation_with_ddof1_unweighted_pooling():
+    pos = np.array([[1.0, 10.0], [2.0, 10.0], [3.0, 10.0], [6.0, 10.0]])  # [4, 2]
+    neg = np.array([[0.0, 10.0], [1.0, 10.0], [-1.0, 10.0]])  # [3, 2]
+    # column 0 by hand: mean_c = 3, var_c = (4+1+0+9)/3 = 14/3; mean_w = 0, var_w = 1
+    expected0 = (3.0 - 0.0) / np.sqrt((14 / 3 + 1.0) / 2)
+    d = S.cohens_d(pos, neg)
+    assert d.shape == (2,)
+    assert d[0] == pytest.approx(expected0, rel=1e-12)
+    assert d[1] == 0.0  # zero variance → 0, not NaN
+    assert S.cohens_d(neg, pos)[0] == pytest.approx(-expected0)
+
+
+def test_cohens_d_vectorised_equals_per_column_loop():
+    rng = np.random.default_rng(1)
+    pos, neg = rng.normal(0.3, 1, size=(30, 50)), rng.normal(0, 2, size=(20, 50))
+    loop = [(pos[:, j].mean() - neg[:, j].mean())
+            / np.sqrt((pos[:, j].var(ddof=1) + neg[:, j].var(ddof=1)) / 2) for j in range(50)]
+    np.testing.assert_allclose(S.cohens_d(pos, neg), loop, rtol=1e-12)
+
+
+def test_cohens_d_never_firing_feature_is_zero_and_nan_input_raises():
+    pos, neg = np.zeros((5, 3)), np.zeros((4, 3))
+    pos[:, 0] = [1, 2, 3, 4, 5]
+    d = S.cohens_d(pos, neg)
+    assert np.all(np.isfinite(d)) and d[1] == 0 and d[2] == 0 and d[0] > 0
+    pos[0, 1] = np.nan
+    with pytest.raises(DataError, match="NaN"):
+        S.cohens_d(pos, neg)
+    with pytest.raises(DataError, match="at least 2 rows"):
+        S.cohens_d(np.ones((1, 3)), neg)
+
+
+# ----------------------------------------------------------------------------- auroc
+
+
+def brute_auroc(s, lab):
+    pos, neg = s[lab == 1], s[lab == 0]
+    wins = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return wins / (len(pos) * len(neg))
+
+
+def test_auroc_equals_pairwise_count_with_ties():
+    rng = np.random.default_rng(2)
+    s = rng.integers(0, 5, size=80).astype(float)  # many ties
+    lab = (rng.random(80) < 0.4).astype(int)
+    assert S.auroc(s, lab) == pytest.approx(brute_auroc(s, lab), abs=1e-12)
+    assert S.auroc(np.array([1.0, 2, 3, 4]), [0, 0, 1, 1]) == 1.0
+    assert S.auroc(np.array([1.0, 1, 1, 1]), [0, 0, 1, 1]) == 0.5
+
+
+def test_auroc_vectorised_over_feature_columns():
+    rng = np.random.default_rng(3)
+    lab = np.r_[np.ones(25), np.zeros(35)].astype(bool)
+    s = rng.normal(size=(60, 7)) + lab[:, None] * np.linspace(0, 2, 7)
+    s[:, 3] = np.round(s[:, 3])  # ties
+    got = S.auroc(s, lab)
+    assert got.shape == (7,)
+    np.testing.assert_allclose(got, [brute_auroc(s[:, j], lab) for j in range(7)], atol=1e-12)
+    assert got[-1] > got[0]
+
+
+def test_auroc_rejects_one_class_labels_naming_the_class():
+    with pytest.raises(DataError, match=r"labels are all 1 \(n=40\)"):
+        S.auroc(np.arange(40.0), np.ones(40))
+    with pytest.raises(DataError, match="0/1"):
+        S.auroc(np.arange(4.0), [0, 1, 2, 1])
+
+
+# ----------------------------------------------------------------------------- MWU, BH
+
+
+def test_mann_whitney_p_matches_scipy_per_feature_and_constant_feature_is_one():
+    rng = np.random.default_rng(4)
+    pos, neg = rng.normal(0.5, 1, size=(40, 5)), rng.normal(0, 1, size=(30, 5))
+    pos[:, 4] = 0.0
+    neg[:, 4] = 0.0
+    p = S.mann_whitney_p(pos, neg)
+    for j in range(4):
+        assert p[j] == pytest.approx(sps.mannwhitneyu(pos[:, j], neg[:, j], alternative="two-sided").pvalue)
+    assert p[4] == 1.0
+
+
+def test_benjamini_hochberg_equals_scipy_false_discovery_control():
+    rng = np.random.default_rng(5)
+    p = np.r_[rng.uniform(size=200), rng.uniform(0, 1e-3, size=20)]
+    np.testing.assert_allclose(S.benjamini_hochberg(p), sps.false_discovery_control(p, method="bh"))
+    # brute force definition: q_(i) = min_{j>=i} p_(j) m / j
+    m, order = len(p), np.argsort(p)
+    raw = p[order] * m / np.arange(1, m + 1)
+    q = np.minimum.accumulate(raw[::-1])[::-1].clip(max=1)
+    np.testing.assert_allclose(S.benjamini_hochberg(p)[order], q, rtol=1e-12)
+    with pytest.raises(DataError):
+        S.benjamini_hochberg([0.1, 1.5])
+
+
+# ----------------------------------------------------------------------------- correlations
+
+
+def test_spearman_and_pearson_equal_scipy():
+    x, y = correlated(200, 0.6, seed=6)
+    rho, p = S.spearman(x, y)
+    ref = sps.spearmanr(x, y)
+    assert (rho, p) == pytest.approx((ref.statistic, ref.pvalue))
+    r, pp = S.pearson(x, y)
+    ref = sps.pearsonr(x, y)
+    assert (r, pp) == pytest.approx((ref.statistic, ref.pvalue))
+
+
+@pytest.mark.parametrize(
+    "x, y, msg",
+    [
+        (np.ones(10), np.arange(10.0), "x is constant"),
+        (np.arange(10.0), np.full(10, 2.0), "y is constant"),
+        (np.arange(2.0), np.arange(2.0), "n=2"),
+        (np.r_[np.arange(9.0), np.nan], np.arange(10.0), "NaN"),
+        (np.arange(9.0), np.arange(10.0), "differ in length"),
+    ],
+)
+def test_correlations_reject_degenerate_input(x, y, msg):
+    for fn in (S.spearman, S.pearson):
+        with pytest.raises(DataError, match=msg):
+            fn(x, y)
+
+
+def test_partial_spearman_removes_correlation_induced_through_covariate():
+    rng = np.random.default_rng(7)
+    z = rng.normal(size=2000)
+    x, y = z + 0.5 * rng.normal(size=2000), z + 0.5 * rng.normal(size=2000)
+    assert S.spearman(x, y).stat > 0.7
+    r, p = S.partial_spearman(x, y, z)
+    assert abs(r) < 0.06 and p > 0.01
+
+
+def test_partial_spearman_equals_textbook_formula_and_keeps_a_direct_effect():
+    rng = np.random.default_rng(8)
+    z = rng.normal(size=300)
+    x = z + rng.normal(size=300)
+    y = 0.5 * x + z + rng.normal(size=300)  # a direct x → y effect beyond z
+    rxy, rxz, ryz = (sps.spearmanr(a, b).statistic for a, b in ((x, y), (x, z), (y, z)))
+    expected = (rxy - rxz * ryz) / np.sqrt((1 - rxz**2) * (1 - ryz**2))
+    r, p = S.partial_spearman(x, y, z)
+    assert r == pytest.approx(expected, rel=1e-10)
+    t = r * np.sqrt((300 - 3) / (1 - r * r))
+    assert p == pytest.approx(2 * sps.t.sf(abs(t), 297), rel=1e-10)
+    assert r > 0.2 and p < 1e-4
+
+
+# ----------------------------------------------------------------------------- resampling
+
+
+def test_bootstrap_ci_contains_true_rho_and_narrows_with_more_data():
+    rho = 0.5
+    x, y = correlated(2000, rho, seed=9)
+    big = S.bootstrap_ci(S.spearman, x, y, n_boot=400, seed=0)
+    assert big.low < true_spearman(rho) < big.high
+    assert big.estimate == pytest.approx(sps.spearmanr(x, y).statistic)
+    small = S.bootstrap_ci(S.spearman, x[:100], y[:100], n_boot=400, seed=0)
+    assert (small.high - small.low) > 2.5 * (big.high - big.low)  # width ~ 1/sqrt(n): ratio ~4.5
+
+
+def test_bootstrap_ci_resamples_whole_clusters():
+    # 30 questions x 5 identical rollouts: the effective sample is 30, not 150.
+    x, y = correlated(30, 0.4, seed=10)
+    groups = np.repeat(np.arange(30), 5)
+    xr, yr = np.repeat(x, 5), np.repeat(y, 5)
+    clustered = S.bootstrap_ci(S.pearson, xr, yr, groups=groups, n_boot=500, seed=1)
+    naive = S.bootstrap_ci(S.pearson, xr, yr, n_boot=500, seed=1)
+    per_question = S.bootstrap_ci(S.pearson, x, y, n_boot=500, seed=1)
+    width = lambda c: c.high - c.low  # noqa: E731
+    assert width(clustered) > 1.7 * width(naive)
+    assert width(clustered) == pytest.approx(width(per_question), rel=0.25)
+    # every drawn cluster comes whole: resampled rows always number a multiple of 5
+    sizes = []
+    S.bootstrap_ci(lambda a: sizes.append(len(a)) or 0.0, xr, groups=groups, n_boot=20, seed=0)
+    assert all(s % 5 == 0 for s in sizes) and set(sizes) == {150}
+
+
+def test_bootstrap_ci_skips_one_class_resamples_and_counts_them():
+    lab = np.r_[np.ones(3), np.zeros(7)]
+    score = np.arange(10.0)
+    ci = S.bootstrap_ci(S.auroc, score, lab, n_boot=300, seed=0)
+    assert 0 < ci.n_valid < 300  # some resamples had no positive
+    assert ci.estimate == 0.0 and ci.low == 0.0
+
+
+def test_paired_bootstrap_ci_of_mean_difference():
+    rng = np.random.default_rng(11)
+    a = rng.normal(0.6, 0.05, size=200)
+    b = a - 0.03 + rng.normal(0, 0.01, size=200)  # true mean difference 0.03
+    ci = S.paired_bootstrap_ci(a, b, n_boot=2000, seed=0)
+    assert ci.estimate == pytest.approx(np.mean(a - b))
+    assert ci.low < 0.03 < ci.high and ci.low > 0.025
+    # pairing matters: unpaired noise of a/b (sd 0.05) would give a ~5x wider interval
+    assert ci.high - ci.low < 0.01
+    with pytest.raises(DataError, match="paired"):
+        S.paired_bootstrap_ci([1.0, 2.0, 3.0], [1.0, 2.0])
+
+
+def test_permutation_p_small_for_correlated_data_and_matches_scipy():
+    x, y = correlated(60, 0.6, seed=12)
+    p = S.permutation_p(x, y, n_perm=2000, seed=0)
+    assert p == pytest.approx(1 / 2001 * 2)  # nothing as extreme: 2 * (0 + 1) / (n + 1)
+    x, y = correlated(40, 0.25, seed=13)
+    p = S.permutation_p(x, y, n_perm=4000, seed=0)
+    ref = sps.permutation_test(
+        (x, y), lambda a, b: sps.spearmanr(a, b).statistic, permutation_type="pairings",
+        n_resamples=4000, rng=np.random.default_rng(0),
+    ).pvalue
+    assert abs(p - ref) < 0.03  # Monte Carlo error of two 4000-draw estimates
+
+
+def test_permutation_p_roughly_uniform_for_independent_data():
+    ps = [S.permutation_p(*np.random.default_rng(s).normal(size=(2, 30)), n_perm=300, seed=s)
+          for s in range(100)]
+    ps = np.array(ps)
+    assert ps.min() >= 2 / 301
+    assert 0.35 < np.mean(ps) < 0.65
+    assert 0.02 <= np.mean(ps < 0.1) <= 0.2
+
+
+def test_permutation_fast_path_equals_generic_statistic():
+    x, y = correlated(25, 0.3, seed=14)
+    fast = S.permutation_p(x, y, S.spearman, n_perm=500, seed=3)
+    generic = S.permutation_p(x, y, lambda a, b: sps.spearmanr(a, b).statistic, n_perm=500, seed=3)
+    assert fast == generic
+
+
+# ----------------------------------------------------------------------------- summary
+
+
+def test_correlation_summary_fields_agree_with_the_single_functions():
+    rng = np.random.default_rng(15)
+    label = (rng.random(100) < 0.43).astype(int)
+    score = label * 1.0 + rng.normal(size=100)
+    s = S.correlation_summary(score, label, n_boot=300, n_perm=500, seed=0)
+    ref = sps.spearmanr(score, label)
+    assert (s.rho, s.p) == pytest.approx((ref.statistic, ref.pvalue))
+    assert s.auroc == pytest.approx(brute_auroc(score, label))
+    assert s.pearson == pytest.approx(sps.pearsonr(score, label).statistic)
+    assert s.ci95[0] < s.rho < s.ci95[1]
+    assert s.permutation_p < 0.01 and s.n == 100 and s.n_pos == int(label.sum())
+    d = s.to_dict()
+    assert set(d) >= {"rho", "p", "ci95", "permutation_p", "auroc", "pearson", "n", "n_pos"}
+
+
+def test_correlation_summary_rejects_one_class_labels():
+    with pytest.raises(DataError, match=r"labels are all 0 \(n=40\)"):
+        S.correlation_summary(np.arange(40.0), np.zeros(40))
