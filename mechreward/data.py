@@ -1,0 +1,139 @@
+"""Text corpora → packed token batches.
+
+Sources: the built-in organism text (default), a local `.txt` (one document per non-empty
+line) / `.jsonl` / `.json` file, or a Hugging Face dataset id (streamed).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+
+from .errors import DataError
+
+ORGANISM_TEXT = "organism"
+
+
+@dataclass
+class DataConfig:
+    """Where text comes from and how it is cut into model inputs."""
+
+    source: str = ORGANISM_TEXT
+    """`organism`, a local .txt/.jsonl/.json path, or a Hugging Face dataset id."""
+    text_field: str = "text"
+    """Field holding the text in jsonl/json rows and HF datasets."""
+    name: str | None = None
+    """HF dataset configuration name (e.g. `sample-10BT` for FineWeb-Edu)."""
+    split: str = "train"
+    """HF dataset split."""
+    streaming: bool = True
+    """Stream HF datasets instead of downloading them whole."""
+    context_length: int = 64
+    """Tokens per packed sequence."""
+    batch_size: int = 32
+    """Sequences per model forward."""
+    heldout_sequences: int = 64
+    """Sequences reserved for held-out evaluation (never trained on)."""
+    seed: int = 0
+    """Seed of generated corpora (the organism's text)."""
+
+
+def _organism_texts(split: str, seed: int) -> Iterator[str]:
+    from .tasks.arithmetic import iter_problems, prompt_text, solution_text
+
+    for p in iter_problems(split, seed):
+        yield prompt_text(p) + solution_text(p)
+
+
+def _file_texts(path: Path, field: str) -> Iterator[str]:
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    yield line.rstrip("\n")
+        return
+    if suffix not in (".jsonl", ".json"):
+        raise DataError(f"unsupported corpus file {str(path)!r}: expected .txt, .jsonl or .json")
+    with open(path, encoding="utf-8") as f:
+        rows: Iterable = json.load(f) if suffix == ".json" else (json.loads(l) for l in f if l.strip())
+        for i, row in enumerate(rows):
+            if not isinstance(row, dict) or field not in row:
+                raise DataError(f"row {i} of {str(path)!r} has no field {field!r}")
+            if isinstance(row[field], str) and row[field].strip():
+                yield row[field]
+
+
+def _hf_texts(cfg: DataConfig) -> Iterator[str]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(cfg.source, cfg.name, split=cfg.split, streaming=cfg.streaming)
+    except Exception as e:  # noqa: BLE001 - datasets raises many types; all mean "cannot load"
+        raise DataError(f"cannot load dataset {cfg.source!r} (config {cfg.name!r}, split {cfg.split!r}): {e}. "
+                        "Offline, save it as a local .jsonl and pass its path as data.source") from None
+    for i, row in enumerate(ds):
+        if cfg.text_field not in row:
+            raise DataError(f"dataset {cfg.source!r} has no field {cfg.text_field!r} (fields: {sorted(row)})")
+        if row[cfg.text_field]:
+            yield row[cfg.text_field]
+
+
+def iter_texts(cfg: DataConfig, heldout: bool = False) -> Iterator[str]:
+    """Documents of the corpus. For the organism, `heldout` draws from its evaluation split."""
+    if cfg.source == ORGANISM_TEXT:
+        return _organism_texts("eval" if heldout else "train", cfg.seed)
+    path = Path(cfg.source)
+    if path.exists():
+        return _file_texts(path, cfg.text_field)
+    if cfg.source.startswith((".", "/", "~")) or cfg.source.endswith((".txt", ".jsonl", ".json")):
+        raise DataError(f"corpus file not found: {cfg.source!r}")
+    return _hf_texts(cfg)
+
+
+def pack(tokenizer, texts: Iterable[str], context_length: int) -> Iterator[list[int]]:
+    """Concatenate documents, separated by EOS, and cut into `context_length` token rows."""
+    eos = tokenizer.eos_token_id
+    buf: list[int] = []
+    for text in texts:
+        buf.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if eos is not None:
+            buf.append(eos)
+        while len(buf) >= context_length:
+            yield buf[:context_length]
+            buf = buf[context_length:]
+
+
+def token_batches(tokenizer, cfg: DataConfig) -> tuple[torch.Tensor, Iterator[torch.Tensor]]:
+    """(held-out input_ids [H, T], endless-or-finite iterator of training input_ids [B, T]).
+
+    For file and HF corpora the first `heldout_sequences` rows are held out and the training
+    stream starts after them; the organism draws held-out rows from its evaluation split.
+    """
+    if cfg.context_length < 2 or cfg.batch_size < 1:
+        raise DataError(f"context_length must be >= 2 and batch_size >= 1, got {cfg.context_length}, {cfg.batch_size}")
+    rows = pack(tokenizer, iter_texts(cfg), cfg.context_length)
+    if cfg.source == ORGANISM_TEXT:
+        held = list(itertools.islice(pack(tokenizer, iter_texts(cfg, heldout=True), cfg.context_length),
+                                     cfg.heldout_sequences))
+    else:
+        held = list(itertools.islice(rows, cfg.heldout_sequences))
+    first = list(itertools.islice(rows, cfg.batch_size))
+    if not first or len(held) < min(1, cfg.heldout_sequences):
+        raise DataError(f"corpus {cfg.source!r} is empty or too short: need at least "
+                        f"{cfg.heldout_sequences + 1} sequences of {cfg.context_length} tokens")
+
+    def batches() -> Iterator[torch.Tensor]:
+        chunk = first
+        while chunk:
+            if len(chunk) == cfg.batch_size:
+                yield torch.tensor(chunk, dtype=torch.long)
+            chunk = list(itertools.islice(rows, cfg.batch_size))
+
+    heldout = torch.tensor(held, dtype=torch.long) if held else torch.empty(0, cfg.context_length, dtype=torch.long)
+    return heldout, batches()
