@@ -115,9 +115,12 @@ class MathTask(Task):
     @staticmethod
     def reference_from_solution(solution: str) -> str:
         """A GSM8K solution ending in `#### 72` (or a MATH solution with `\\boxed{}`) → `72`;
-        a bare answer is returned stripped."""
+        a bare answer is returned stripped; thousands separators are dropped (`1,000` → `1000`)."""
         ans = MathTask._marked_answer(solution)
-        return ans if ans is not None else solution.strip()
+        ans = ans if ans is not None else solution.strip()
+        if re.fullmatch(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?", ans):
+            ans = ans.replace(",", "")
+        return ans
 
     @staticmethod
     def _marked_answer(text: str) -> str | None:
