@@ -436,7 +436,12 @@ def correlation_summary(
     seed: int = 0,
 ) -> CorrelationSummary:
     """Spearman rho with p, bootstrap CI (over groups when given), permutation p, AUROC and
-    Pearson of `score [n]` against 0/1 `label [n]`."""
+    Pearson of `score [n]` against 0/1 `label [n]`.
+
+    `groups` (question ids) only changes the bootstrap, which then resamples questions. The
+    scipy p-values and the permutation p treat responses as independent, which is exact for
+    one rollout per question (the G1 default) and optimistic for several.
+    """
     s = _as_float("score", score)
     lab = _as_labels(label, s.shape[0])
     y = lab.astype(np.float64)
