@@ -83,7 +83,7 @@ class ForwardOutput(NamedTuple):
     """AuxK loss (dead latents fitting the detached residual), same normalisation as fvu; 0
     without a dead mask. Unweighted: the trainer multiplies by its aux coefficient."""
     fired: Tensor
-    """[d_sae] bool: latents with a positive activation on some token of this batch."""
+    """[d_sae] bool: latents with a non-zero activation on some token of this batch."""
 
 
 def geometric_median(x: Tensor, iters: int = 50, eps: float = 1e-8) -> Tensor:
@@ -253,7 +253,7 @@ class SparseAutoencoder(nn.Module):
             values = self._activate(selected_preacts(xc, self.W_enc, self.b_enc, idx, pre))
             recon = sparse_decode(values, idx, self.W_dec) + self.b_dec
             fired = torch.zeros(self.cfg.d_sae, dtype=values.dtype, device=values.device)
-            fired = fired.scatter_reduce(0, idx.reshape(-1), (values.detach() > 0).reshape(-1).to(values.dtype),
+            fired = fired.scatter_reduce(0, idx.reshape(-1), (values.detach() != 0).reshape(-1).to(values.dtype),
                                          "amax") > 0
         else:
             pre_g = torch.addmm(self.b_enc, xc, self.W_enc)
@@ -262,7 +262,7 @@ class SparseAutoencoder(nn.Module):
             recon = z @ self.W_dec + self.b_dec
             if self.training:
                 self._update_threshold(z.detach(), mask)
-            fired = (z.detach() > 0).any(0)
+            fired = (z.detach() != 0).any(0)
             # Reported codes: the top 4k per token of z (x̂ above is exact regardless).
             values, idx = z.topk(min(4 * self.cfg.k, self.cfg.d_sae), dim=-1, sorted=False)
 

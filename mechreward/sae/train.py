@@ -85,7 +85,7 @@ class StepOutput(NamedTuple):
     auxk_loss: Tensor
     """Unweighted AuxK loss (0 while no latent can be dead)."""
     l0: Tensor
-    """Mean number of positive latents per token."""
+    """Mean number of non-zero latents per token."""
     dead_fraction: Tensor
     """Fraction of latents not fired for `dead_tokens` tokens (after this step)."""
     lr: float
@@ -206,7 +206,7 @@ class SAETrainer:
 
         with torch.no_grad():
             self.tokens_since_fired.add_(n_tokens).masked_fill_(out.fired, 0)
-            l0 = (out.values > 0).sum(-1).float().mean()
+            l0 = (out.values != 0).sum(-1).float().mean()
             dead_fraction = self.dead_mask().float().mean()
         self.tokens_seen += n_tokens
         self.step_count += 1
