@@ -20,17 +20,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# CSR tensors are marked beta in torch; the ops used here are stable since torch 2.0.
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
-warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
 
 
 def _csr_rows(values: Tensor, indices: Tensor, n_cols: int) -> Tensor:
     """[N, k] codes as a CSR matrix [N, n_cols] (k entries per row, duplicates allowed)."""
     n, k = indices.shape
     crow = torch.arange(0, n * k + 1, k, device=indices.device, dtype=torch.int64)
-    return torch.sparse_csr_tensor(crow, indices.reshape(-1).to(torch.int64), values.reshape(-1),
-                                   (n, n_cols), check_invariants=False)
+    with warnings.catch_warnings():  # CSR is marked beta; the ops used here are stable since 2.0
+        warnings.simplefilter("ignore")
+        return torch.sparse_csr_tensor(crow, indices.reshape(-1).to(torch.int64), values.reshape(-1),
+                                       (n, n_cols), check_invariants=False)
 
 
 def _sampled_rowdot(a: Tensor, b: Tensor, indices: Tensor) -> Tensor:
