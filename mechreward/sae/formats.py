@@ -38,6 +38,10 @@ from .model import SAEConfig, SparseAutoencoder
 NATIVE_CFG = "cfg.json"
 NATIVE_WEIGHTS = "sae_weights.safetensors"
 FORMAT_VERSION = 1
+SAELENS_LAYOUT_VERSION = "6.54.12"
+"""Written as metadata.sae_lens_version: SAELens reads configs older than 6.0 (or without a
+version) through its pre-6.0 converter, which drops our metadata. This is the release whose
+layout was verified (tests/test_sae_formats.py)."""
 _DERIVED_KEYS = ("format", "sha256", "path", "d_in", "d_sae", "k", "model", "hook")
 """Metadata keys filled in by loaders; never written back into a checkpoint."""
 
@@ -163,6 +167,7 @@ def _write_dir_atomically(path: Path, write: Callable[[Path], None]) -> None:
 def _native_cfg(sae: SparseAutoencoder) -> dict:
     c = sae.cfg
     md = {k: v for k, v in c.metadata.items() if k not in _DERIVED_KEYS}
+    md["sae_lens_version"] = SAELENS_LAYOUT_VERSION
     layer = md.get("layer")
     md.setdefault("model_name", md.get("model_name") or "unknown")
     md.setdefault("hook_name", f"model.layers.{layer}" if layer is not None else "unknown")
