@@ -1,0 +1,124 @@
+"""Batched sampling with HF `generate` and left padding, keeping the exact sampled ids.
+
+Later stages teacher-force over `Sample.prompt_ids + Sample.completion_ids`, so those ids are
+the ones the model produced (never a re-tokenisation of the decoded text).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from .errors import ConfigError, DataError
+
+
+@dataclass
+class Sample:
+    """One sampled completion of one prompt."""
+
+    prompt_index: int
+    """Index of the prompt in the list given to `sample`."""
+    sample_index: int
+    """0..n-1: which of the n completions of that prompt."""
+    prompt_ids: list[int]
+    """The prompt's token ids, unpadded."""
+    completion_ids: list[int]
+    """Generated ids exactly as sampled, up to and including EOS when it stopped there; no padding."""
+    text: str
+    """`completion_ids` decoded with special tokens skipped (so without the EOS)."""
+    logprobs: list[float] = field(default_factory=list)
+    """Per completion token: log-prob of the sampled token under the model's raw distribution
+    (softmax of the untempered, unfiltered logits; not the temperature/top-p sampling distribution)."""
+    finish_reason: str = "length"
+    """`eos` when the completion ends with EOS, `length` when it hit `max_new_tokens`."""
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids: set[int] = set()
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for v in (tokenizer.eos_token_id, gen_eos):
+        if v is None:
+            continue
+        ids.update(v if isinstance(v, (list, tuple)) else [v])
+    if not ids:
+        raise DataError("the tokenizer has no eos_token_id; cannot tell where a completion ends")
+    return ids
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """`input_ids`, `attention_mask` [batch, max_len], rows right-aligned (left padding)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if len(r):
+            ids[i, width - len(r):] = torch.tensor(list(r), dtype=torch.long)
+            mask[i, width - len(r):] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompts: Sequence[str] | Sequence[Sequence[int]], n: int = 1,
+           temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 96,
+           batch_size: int = 64, seed: int = 0, greedy: bool = False) -> list[Sample]:
+    """`n` completions per prompt, in order (prompt 0 sample 0, prompt 0 sample 1, ...).
+
+    `prompts` are strings (tokenised without adding special tokens) or lists of token ids.
+    Each batch is seeded with `seed + batch index`, so results are reproducible on CPU for a
+    given `seed` and `batch_size`. `greedy=True` ignores temperature/top_p.
+    """
+    if n < 1:
+        raise ConfigError(f"n (samples per prompt) must be >= 1, got {n}")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    if max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not greedy and not temperature > 0:
+        raise ConfigError(f"temperature must be > 0 for sampling, got {temperature} (use greedy=True)")
+    if not 0 < top_p <= 1:
+        raise ConfigError(f"top_p must be in (0, 1], got {top_p}")
+    if len(prompts) == 0:
+        raise DataError("no prompts to sample from")
+
+    prompt_ids = [list(p) if not isinstance(p, str) else tokenizer(p, add_special_tokens=False)["input_ids"]
+                  for p in prompts]
+    for i, p in enumerate(prompt_ids):
+        if not p:
+            raise DataError(f"prompt {i} is empty after tokenisation: {prompts[i]!r}")
+    eos = _eos_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos)
+    device = next(model.parameters()).device
+    jobs = [(i, j) for i in range(len(prompt_ids)) for j in range(n)]
+
+    was_training = model.training
+    model.eval()
+    out: list[Sample] = []
+    for b, start in enumerate(range(0, len(jobs), batch_size)):
+        chunk = jobs[start:start + batch_size]
+        ids, mask = left_pad([prompt_ids[i] for i, _ in chunk], pad_id, device)
+        kwargs = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=float(temperature),
+                                                           top_p=float(top_p), top_k=0)
+        torch.manual_seed(seed + b)
+        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                             eos_token_id=sorted(eos), pad_token_id=pad_id, output_logits=True,
+                             return_dict_in_generate=True, min_new_tokens=0, **kwargs)
+        new = gen.sequences[:, ids.shape[1]:].cpu()  # [batch, steps]
+        logits = torch.stack(gen.logits, dim=1).float().cpu()  # [batch, steps, vocab] raw
+        lp = torch.log_softmax(logits, dim=-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
+        for row, (i, j) in enumerate(chunk):
+            toks = new[row].tolist()
+            # generate pads finished rows after their first EOS; cut there.
+            stop = next((t for t, tok in enumerate(toks) if tok in eos), None)
+            end = len(toks) if stop is None else stop + 1
+            comp = toks[:end]
+            out.append(Sample(
+                prompt_index=i, sample_index=j, prompt_ids=list(prompt_ids[i]), completion_ids=comp,
+                text=tokenizer.decode(comp, skip_special_tokens=True),
+                logprobs=[float(x) for x in lp[row, :end]],
+                finish_reason="eos" if stop is not None else "length",
+            ))
+    if was_training:
+        model.train()
+    return out
