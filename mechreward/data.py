@@ -37,7 +37,7 @@ class DataConfig:
     """Tokens per packed sequence."""
     batch_size: int = 32
     """Sequences per model forward."""
-    heldout_sequences: int = 64
+    heldout_sequences: int = 256
     """Sequences reserved for held-out evaluation (never trained on)."""
     seed: int = 0
     """Seed of generated corpora (the organism's text)."""

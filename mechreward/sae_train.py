@@ -55,9 +55,9 @@ class SAETrainRunConfig:
     filters: FilterConfig = field(default_factory=FilterConfig)
     sae: SAEShape = field(default_factory=SAEShape)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    layers: list[int] = field(default_factory=lambda: [2])
+    layers: list[int] = field(default_factory=lambda: [3])
     """Decoder layers (0-based, negative allowed) whose outputs get an SAE each."""
-    tokens: int = 2_000_000
+    tokens: int = 800_000
     """Training tokens per SAE."""
     batch_size: int = 4096
     """Tokens per SAE step."""
