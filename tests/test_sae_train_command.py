@@ -149,3 +149,32 @@ def test_in_memory_tensor_source_trains_and_rejects_nonfinite(tmp_path):
     cfg = SAETrainRunConfig(sae=SAEShape(d_sae=64, k=4), tokens=2048, batch_size=256, log_every=4)
     saes = train_saes(TensorSource(torch.randn(4096, 16), block_tokens=1024), cfg, Run(tmp_path))
     assert saes[0].W_dec.shape == (64, 16)
+
+
+def test_harvest_then_train_from_the_store(setup, tmp_path):
+    common = [f"model.name_or_path={setup / 'model'}", "model.device=cpu", f"data.source={setup / 'corpus.txt'}",
+              "data.context_length=32", "data.batch_size=8", "data.heldout_sequences=16", "layers=[1,2]"]
+    store = tmp_path / "store"
+    h = _run([sys.executable, "-m", "mechreward.harvest", *common, "tokens=3000", "batches_per_shard=4",
+              f"store_dir={store}", f"hydra.run.dir={tmp_path / 'h'}"])
+    assert h.returncode == 0, h.stderr[-2000:]
+    manifest = json.loads((store / "manifest.json").read_text())
+    assert manifest["layers"] == [1, 2] and manifest["tokens"] >= 3000 and manifest["complete"]
+    assert manifest["model"] == str(setup / "model")
+    cfg = SAETrainRunConfig(
+        model=ModelConfig(name_or_path=str(setup / "model"), device="cpu"),
+        data=DataConfig(source=str(setup / "corpus.txt"), context_length=32, batch_size=8, heldout_sequences=16),
+        sae=SAEShape(d_sae=128, k=4), layers=[2], tokens=256 * 20, batch_size=256, activations=str(store),
+        output_dir=str(tmp_path / "sae"), eval_splice=False)
+    report = run_sae_train(cfg, Run(tmp_path / "run"))
+    assert report["tokens"] == 256 * 20 and report["token_filter"]["seen"] > 0
+    # a store of another layer or model is refused with a clear error
+    from mechreward.errors import MismatchError
+
+    cfg.layers = [0]
+    with pytest.raises(MismatchError, match=r"\[0\]"):
+        run_sae_train(cfg, Run(tmp_path / "run2"))
+    cfg.layers, cfg.model.name_or_path = [2], str(tmp_path / "elsewhere")
+    save_tiny(tmp_path / "elsewhere", "qwen3", seed=0)
+    with pytest.raises(MismatchError, match="elsewhere"):
+        run_sae_train(cfg, Run(tmp_path / "run3"))
