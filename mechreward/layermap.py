@@ -27,7 +27,7 @@ from . import stats
 from .cli import hydra_command
 from .errors import ConfigError, DataError
 from .models import ModelConfig, find_final_norm, layer_types, load_model, num_layers, unwrap
-from .rollouts import RolloutsConfig, RolloutSet, SamplingConfig, generate_rollouts, load_rollouts
+from .rollouts import RolloutsConfig, RolloutSet, SAERef, SamplingConfig, generate_rollouts, load_rollouts
 from .run import Run, markdown_table
 from .tasks import TaskConfig
 
@@ -196,7 +196,7 @@ def run_layermap(cfg: LayermapConfig, run: Run) -> dict:
     if cfg.rollouts:
         rs = load_rollouts(cfg.rollouts, model=cfg.model.name_or_path)
     else:
-        rcfg = RolloutsConfig(model=cfg.model, task=cfg.task, sampling=cfg.sampling, sae=None,
+        rcfg = RolloutsConfig(model=cfg.model, task=cfg.task, sampling=cfg.sampling, sae=SAERef(path=None),
                               layers=list(range(n_layers)), store_token_codes=False, seed=cfg.seed)
         rs = RolloutSet(generate_rollouts(rcfg, run, model, tokenizer))
     missing = [l for l in range(n_layers) if l not in rs.layers]

@@ -71,14 +71,21 @@ class SamplingConfig:
 
 
 @dataclass
+class SAERef:
+    """Which SAE (the `sae:` node of rollouts/g1; `sae.path=...` on the command line)."""
+
+    path: str | None = "organism"
+    """SAE directory (any format `load_sae` reads), `organism` for the organism's SAE, or null for none."""
+
+
+@dataclass
 class RolloutsConfig:
     """Config of `python -m mechreward.rollouts` (conf/rollouts.yaml)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    sae: str | None = "organism"
-    """SAE directory (any format `load_sae` reads), `organism` for the organism's SAE, or null."""
+    sae: SAERef = field(default_factory=SAERef)
     layers: list[int] | None = None
     """Layers whose pooled residuals are kept; null = the SAE's layer. The SAE's layer is always added."""
     store_token_codes: bool = True
@@ -145,7 +152,7 @@ def pool_sparse(values: torch.Tensor, indices: torch.Tensor, row: torch.Tensor, 
 
 ORGANISM_SAE = "organism"
 FALLBACK_ORGANISM_SAE = Path("sae") / "organism-L2-k32-2048"
-"""Where `sae=organism` trains (once) and then reuses an SAE when the package ships none."""
+"""Where `sae.path=organism` trains (once) and then reuses an SAE when the package ships none."""
 
 
 def resolve_sae_path(spec: str, run: Run | None = None) -> Path:
@@ -391,7 +398,7 @@ def generate_rollouts(cfg: RolloutsConfig, run: Run, model=None, tokenizer=None,
     task = load_task(cfg.task)
     questions = list(task.questions if questions is None else questions)
     n_layers = len(find_layers(model))
-    sae = load_sae_for(cfg.sae, model, run)
+    sae = load_sae_for(cfg.sae.path, model, run)
     layers = sorted({normalize_layer(l, n_layers) for l in (cfg.layers or [])})
     if sae is not None:
         layers = sorted(set(layers) | {layers_sae(sae, n_layers)})

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from mechreward.errors import MismatchError, ShapeError
 from mechreward.generate import sample
 from mechreward.models import ModelConfig, load_model
-from mechreward.rollouts import (POOLINGS, RolloutsConfig, RolloutSet, SamplingConfig, generate_rollouts,
+from mechreward.rollouts import (POOLINGS, RolloutsConfig, RolloutSet, SAERef, SamplingConfig, generate_rollouts,
                                  load_rollouts, pool_dense, pool_sparse, prompt_ids)
 from mechreward.run import Run
 from mechreward.sae import SAEConfig, SparseAutoencoder
@@ -36,7 +36,7 @@ def sae_dir(tmp_path_factory):
 def _cfg(tiny_dir, sae_dir, out, n_questions=5, **kw):
     sampling = kw.pop("sampling", SamplingConfig(n=2, max_new_tokens=10, batch_size=3, temperature=1.0))
     return RolloutsConfig(model=ModelConfig(name_or_path=tiny_dir, device="cpu"),
-                          task=TaskConfig(name="arithmetic", n=n_questions), sampling=sampling, sae=sae_dir,
+                          task=TaskConfig(name="arithmetic", n=n_questions), sampling=sampling, sae=SAERef(sae_dir),
                           layers=[0, LAYER], output=str(out), **kw)
 
 
