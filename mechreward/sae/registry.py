@@ -82,6 +82,8 @@ class RegistryEntry:
             lo, _, hi = self.layers.partition("-")
             self.layers = list(range(int(lo), int(hi or lo) + 1))
         self.layers = [int(l) for l in self.layers]
+        if self.lr is not None:
+            self.lr = float(self.lr)  # YAML 1.1 reads 3e-5 as a string
 
     def pick_layer(self, layer: int | None) -> int:
         if layer is None:
