@@ -1,0 +1,429 @@
+"""`MechGRPOTrainer`: TRL's GRPOTrainer with the mechanistic reward captured inside its own forward.
+
+Capture. Rewards that read hidden states (`mechreward.reward.HiddenStateReward`) get their
+per-token values from the no-grad policy forward TRL already runs for the old log-probs
+(always with vLLM importance-sampling correction; without vLLM when gradient accumulation
+is not a multiple of `steps_per_generation * num_iterations`). Forward hooks on the needed
+layers are registered only around that call and apply the reward (SAE encode + the pack's
+features) inside the hook, so only `[N_completion_tokens, m]` values are kept, never
+`[B, T, d_model]`. The reference pass (a separate `ref_model`, or the same PEFT model with
+its adapters disabled / the "ref" adapter active) and the training forward (grad enabled)
+are never captured. When TRL skips the old-log-prob pass, one extra no-grad forward over
+the same padded ids runs with early exit after the deepest needed layer (the fallback).
+
+TRL 1.16 methods overridden (a TRL upgrade that changes them is a visible change here):
+
+- `_generate`: records the exact prompt/completion ids (fallback and alignment check).
+- `_get_per_token_logps_and_entropies`: wraps the old-log-prob pass in the capture hooks.
+- `_calculate_rewards`: runs the fallback if nothing was captured, hands the captured values to
+  the reward functions, keeps the gathered per-function rewards.
+- `_generate_and_score_completions`: applies the λ and β schedules before TRL's code; after it,
+  replaces `advantages` by `compose_advantages` (each reward normalised within its group, then
+  weighted; λ scales the mech term exactly) and, for per-token rewards, by the (B, T)
+  `dense_advantages` that TRL's `_compute_loss` accepts; logs mech/outcome correlation.
+
+`composition="trl"` keeps TRL's own advantages (`multi_objective_aggregation`) for trajectory rewards.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from transformers import TrainerCallback
+from trl import GRPOTrainer
+
+from .errors import ConfigError
+from .models import ResidualCapture, unwrap
+from .reward import (CapturedBatch, HiddenStateReward, OutcomeReward, compose_advantages, dense_advantages,
+                     token_group_stats)
+
+COMPOSITIONS = ("normalize_then_weight", "trl")
+
+
+@dataclass
+class LinearSchedule:
+    """Linear from `start` (step 0) to `end` at `steps` (None = the run's max_steps), constant after."""
+
+    start: float
+    end: float | None = None
+    steps: int | None = None
+
+    def __call__(self, step: int, total: int | None = None) -> float:
+        end = self.start if self.end is None else self.end
+        n = self.steps if self.steps is not None else total
+        if not n or n <= 0:
+            return float(self.start)
+        return float(self.start + (end - self.start) * min(1.0, max(0, step) / n))
+
+    @property
+    def peak(self) -> float:
+        return max(abs(self.start), abs(self.end if self.end is not None else self.start))
+
+
+def as_schedule(x: float | LinearSchedule | Sequence[float] | None, default: float) -> LinearSchedule:
+    if x is None:
+        return LinearSchedule(default)
+    if isinstance(x, LinearSchedule):
+        return x
+    if isinstance(x, (int, float)):
+        return LinearSchedule(float(x))
+    vals = list(x)
+    if len(vals) not in (1, 2):
+        raise ConfigError(f"a schedule is a number or [start, end]; got {x!r}")
+    return LinearSchedule(float(vals[0]), float(vals[-1]))
+
+
+def _adapters_active(model) -> bool:
+    """False while a PEFT model runs with adapters disabled or the 'ref' adapter active (TRL's reference pass)."""
+    from torch import nn
+
+    peft = model
+    while not hasattr(peft, "peft_config") and isinstance(getattr(peft, "module", None), nn.Module):
+        peft = peft.module  # DDP
+    if not hasattr(peft, "peft_config"):
+        return True
+    active = getattr(peft, "active_adapter", None)
+    if active == "ref" or (isinstance(active, (list, tuple)) and "ref" in active):
+        return False
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return not any(m.disable_adapters for m in peft.modules() if isinstance(m, BaseTunerLayer))
+
+
+class MechGRPOTrainer(GRPOTrainer):
+    """GRPOTrainer whose `HiddenStateReward`s are fed from TRL's own forward (see module docstring).
+
+    Args beyond GRPOTrainer's:
+        mech_lambda: weight λ of every hidden-state reward (a number, [start, end] or LinearSchedule);
+            replaces its entry of `args.reward_weights`.
+        beta_schedule: KL coefficient β over training ([start, end] or LinearSchedule); None = `args.beta`
+            fixed. `args.beta` must be non-zero for TRL to build the reference.
+        composition: `normalize_then_weight` (default) or `trl`.
+    """
+
+    def __init__(self, *args: Any, mech_lambda: float | LinearSchedule | Sequence[float] = 0.1,
+                 beta_schedule: LinearSchedule | Sequence[float] | None = None,
+                 composition: str = "normalize_then_weight", **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if composition not in COMPOSITIONS:
+            raise ConfigError(f"unknown composition {composition!r}; expected one of {COMPOSITIONS}")
+        self.composition = composition
+        self.mech_lambda = as_schedule(mech_lambda, 0.1)
+        self.beta_schedule = None if beta_schedule is None else as_schedule(beta_schedule, self.beta)
+        if self.beta_schedule is not None and self.beta_schedule.peak != 0 and self.args.beta == 0:
+            raise ConfigError("beta_schedule reaches a non-zero beta but GRPOConfig.beta is 0, so TRL built no "
+                              "reference; set beta to the schedule's peak")
+        self.mech_rewards = [(i, f) for i, f in enumerate(self.reward_funcs) if isinstance(f, HiddenStateReward)]
+        self.outcome_index = next((i for i, f in enumerate(self.reward_funcs) if isinstance(f, OutcomeReward)), None)
+        if any(f.per_token for _, f in self.mech_rewards) and composition != "normalize_then_weight":
+            raise ConfigError("per-token mech rewards need composition='normalize_then_weight'")
+        self.base_weights = self.reward_weights.clone()
+        device = self.accelerator.device
+        for _, f in self.mech_rewards:
+            if hasattr(f, "to"):
+                f.to(device)
+        self.mech_layers = sorted({f.layer for _, f in self.mech_rewards})
+        self._mech_armed = False
+        self._mech_captured: dict[int, list[CapturedBatch]] | None = None
+        self._mech_ids: tuple[list, list] | None = None
+        self._mech_rewards_per_func: torch.Tensor | None = None
+        self.mech_capture_log: list[str] = []
+        """One entry per scored batch: `logprob_pass` or `fallback` (which forward fed the rewards)."""
+        self.mech_last: dict[str, Any] = {}
+        """The last batch's captured values (trajectory scores, per-token scores, mask), for tests and monitors."""
+
+    # ------------------------------------------------------------------ capture
+
+    def _capture_transform(self, comp_mask: torch.Tensor):
+        """Hook transform: completion tokens (`comp_mask [B, T]`) of the chunk now running → each reward's `[n, m]` values.
+
+        TRL runs the batch in chunks of rows in order; the cursor advances once the deepest hooked layer has run."""
+        cursor = {"row": 0}
+
+        def transform(layer: int, hidden: torch.Tensor):
+            b = hidden.shape[0]
+            mask = comp_mask[cursor["row"]:cursor["row"] + b]  # [b, T] completion tokens
+            if layer == self.mech_layers[-1]:
+                cursor["row"] += b
+            h = hidden[mask]  # [n, d]
+            with torch.autocast(device_type=hidden.device.type, enabled=False):
+                return {id(f): f.token_values(h) for _, f in self.mech_rewards if f.layer == layer}
+
+        return transform
+
+    def _completion_mask(self, attention_mask: torch.Tensor, logits_to_keep: int) -> torch.Tensor:
+        mask = attention_mask.bool().clone()
+        mask[:, : mask.shape[1] - logits_to_keep] = False
+        return mask
+
+    def _store(self, cap: ResidualCapture, comp_mask: torch.Tensor, completion_ids: list[list[int]]) -> None:
+        lengths = comp_mask.sum(1).tolist()
+        out: dict[int, CapturedBatch] = {}
+        for _, f in self.mech_rewards:
+            values = torch.cat([chunk[id(f)] for chunk in cap.outputs[f.layer]])
+            out[id(f)] = CapturedBatch(values, lengths, completion_ids)
+        self._mech_captured = out
+        self._mech_comp_mask = comp_mask
+
+    def _is_policy_pass(self, model) -> bool:
+        return (self._mech_armed and self._mech_captured is None and not torch.is_grad_enabled()
+                and model is self.model and _adapters_active(self.model))
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                                           *args, **kwargs):
+        if not self.mech_rewards or not self._is_policy_pass(model):
+            return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
+                                                              batch_size, *args, **kwargs)
+        comp_mask = self._completion_mask(attention_mask, logits_to_keep)
+        cap = ResidualCapture(self.model, self.mech_layers, transform=self._capture_transform(comp_mask),
+                              early_exit=False, accumulate=True)
+        with cap:
+            out = super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
+                                                             batch_size, *args, **kwargs)
+        self._store(cap, comp_mask[:, -logits_to_keep:] if logits_to_keep else comp_mask, self._mech_ids[1])
+        self._mech_source = "logprob_pass"
+        return out
+
+    def _fallback_capture(self) -> None:
+        """One no-grad forward over TRL's padded layout, early exit after the deepest needed layer."""
+        from trl.models.utils import disable_gradient_checkpointing
+        from trl.trainer.utils import pad
+
+        prompt_ids_list, completion_ids_list = self._mech_ids
+        device = self.accelerator.device
+        pad_id = self._tokenizer.pad_token_id
+        p = [torch.tensor(x) for x in prompt_ids_list]
+        c = [torch.tensor(x) for x in completion_ids_list]
+        kw = dict(pad_to_multiple_of=self.pad_to_multiple_of)
+        prompt_ids = pad(p, padding_value=pad_id, padding_side="left", **kw).to(device)
+        prompt_mask = pad([torch.ones_like(x) for x in p], padding_value=0, padding_side="left", **kw).to(device)
+        completion_ids = pad(c, padding_value=pad_id, padding_side="right", **kw).to(device)
+        completion_mask = pad([torch.ones_like(x) for x in c], padding_value=0, padding_side="right", **kw).to(device)
+        if self.mask_truncated_completions:
+            eos_and_pad = [*self.eos_token_ids, pad_id]
+            truncated = torch.tensor([ids[-1] not in eos_and_pad for ids in completion_ids_list], device=device)
+            completion_mask = completion_mask * (~truncated).unsqueeze(1).int()
+        input_ids = torch.cat([prompt_ids, completion_ids], 1)
+        attention_mask = torch.cat([prompt_mask, completion_mask], 1)
+        C = completion_ids.shape[1]
+        comp_mask = self._completion_mask(attention_mask, C)
+        mode = "train" if self.model.training else "eval"
+        bs = self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
+        cap = ResidualCapture(self.model, self.mech_layers, transform=self._capture_transform(comp_mask),
+                              early_exit=True, accumulate=True)
+        outputs: dict[int, list] = {}
+        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+            for start in range(0, input_ids.shape[0], bs):
+                with cap, self.accelerator.autocast():  # `with cap` resets cap.outputs and ends at the early exit
+                    self.model(input_ids=input_ids[start:start + bs], attention_mask=attention_mask[start:start + bs],
+                               use_cache=False)
+                for layer, vals in cap.outputs.items():
+                    outputs.setdefault(layer, []).extend(vals)
+        cap.outputs = outputs
+        self._store(cap, comp_mask[:, -C:], [list(map(int, x)) for x in completion_ids_list])
+        self._mech_source = "fallback"
+
+    # ------------------------------------------------------------------ TRL hooks
+
+    def _generate(self, prompts: list):
+        out = super()._generate(prompts)
+        self._mech_ids = ([list(map(int, x)) for x in out[0]], [list(map(int, x)) for x in out[1]])
+        return out
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        if self.mech_rewards and self._mech_armed:
+            if self._mech_captured is None:
+                self._fallback_capture()
+            self._mech_armed = False  # nothing after this point is captured
+            for _, f in self.mech_rewards:
+                f.set_batch(self._mech_captured[id(f)])
+        try:
+            rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        finally:
+            for _, f in self.mech_rewards:
+                f.set_batch(None)
+        self._mech_rewards_per_func = rewards
+        return rewards
+
+    def _current_step(self) -> tuple[int, int | None]:
+        return self.state.global_step, (self.state.max_steps or None)
+
+    def _generate_and_score_completions(self, inputs):
+        step, total = self._current_step()
+        if self.beta_schedule is not None:
+            self.beta = self.beta_schedule(step, total)
+        lam = self.mech_lambda(step, total)
+        weights = self.base_weights.clone()
+        for i, f in self.mech_rewards:
+            weights[i] = 0.0 if f.per_token else lam
+        self.reward_weights = weights
+        self._mech_armed = bool(self.mech_rewards)
+        self._mech_captured = None
+        self._mech_source = None
+        try:
+            output = super()._generate_and_score_completions(inputs)
+        finally:
+            self._mech_armed = False
+        if not self.mech_rewards and self.composition == "trl":
+            return output
+        mode = "train" if self.model.training else "eval"
+        G = self.num_generations if mode == "train" else self.num_generations_eval
+        rewards = self._mech_rewards_per_func  # [B_all, K], gathered over processes
+        n_local = output["completion_ids"].shape[0]
+        offset = self.accelerator.process_index * n_local
+        if self.composition == "normalize_then_weight":
+            adv_all = compose_advantages(rewards, weights.to(rewards.device), G, self.scale_rewards)
+            output["advantages"] = adv_all[offset:offset + n_local].to(output["advantages"].dtype)
+        if self.mech_rewards:
+            self.mech_capture_log.append(self._mech_source)
+            self._metrics[mode]["mech/capture_fallback"].append(float(self._mech_source == "fallback"))
+            self._metrics[mode]["mech/lambda"].append(lam)
+            self._metrics[mode]["mech/beta"].append(float(self.beta))
+            self._dense_and_log(output, rewards, G, lam, offset, mode)
+        return output
+
+    def _dense_and_log(self, output: dict, rewards: torch.Tensor, G: int, lam: float, offset: int, mode: str) -> None:
+        mask = output["completion_mask"].bool()  # [B, C]
+        if "tool_mask" in output:
+            mask = mask & output["tool_mask"].bool()
+        self.mech_last = {"mask": mask.cpu()}
+        for i, f in self.mech_rewards:
+            b = self._mech_captured[id(f)]
+            self.mech_last[f.name] = {"trajectory": rewards[offset:offset + mask.shape[0], i].cpu(),
+                                      "token_values": b.token_values.cpu(), "lengths": list(b.lengths)}
+            if f.per_token:
+                cap_mask = self._mech_comp_mask.to(mask.device)  # [B, C] the tokens the values belong to
+                scores = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+                scores[cap_mask] = f.token_scores(b.token_values).float().to(mask.device)
+                valid = mask & cap_mask
+                stats = self.accelerator.gather(token_group_stats(scores, valid))
+                output["advantages"] = dense_advantages(output["advantages"], scores, valid, G, lam,
+                                                        group_stats=stats, offset=offset)
+                self.mech_last[f.name]["token_scores"] = scores.cpu()
+            if self.outcome_index is not None:
+                x, y = rewards[:, i].float(), rewards[:, self.outcome_index].float()
+                ok = torch.isfinite(x) & torch.isfinite(y)
+                if ok.sum() > 2 and x[ok].std() > 0 and y[ok].std() > 0:
+                    r = float(torch.corrcoef(torch.stack([x[ok], y[ok]]))[0, 1])
+                    self._metrics[mode][f"mech/{f.name}_outcome_corr"].append(r)
+
+
+# --------------------------------------------------------------------------- hacking monitor
+
+@torch.no_grad()
+def evaluate_policy(model, tokenizer, questions, task, reward: HiddenStateReward | None = None, n: int = 1,
+                    greedy: bool = True, max_new_tokens: int = 64, batch_size: int = 64, seed: int = 0,
+                    temperature: float = 1.0) -> dict:
+    """Sample on `questions`, grade, and score each completion with `reward` on the exact sampled ids.
+
+    Returns accuracy, per-completion `correct [R]` and `score [R]` (trajectory mech score, teacher-forced
+    right-padded pass with early exit at the reward's layer), their means and Spearman ρ (None if undefined).
+    """
+    from .generate import sample
+    from .stats import spearman
+
+    was_training = model.training
+    model.eval()
+    try:
+        prompts = [tokenizer(q.prompt, add_special_tokens=False)["input_ids"] for q in questions]
+        samples = sample(model, tokenizer, prompts, n=n, greedy=greedy, temperature=temperature,
+                         max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)
+        correct = np.array([task.verify(s.text, questions[s.prompt_index].answer) for s in samples], dtype=float)
+        scores = np.full(len(samples), np.nan)
+        if reward is not None:
+            device = next(model.parameters()).device
+            pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+            for start in range(0, len(samples), batch_size):
+                chunk = samples[start:start + batch_size]
+                rows = [s.prompt_ids + s.completion_ids for s in chunk]
+                width = max(len(r) for r in rows)
+                ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+                attn = torch.zeros_like(ids)
+                comp = torch.zeros_like(ids, dtype=torch.bool)
+                for b, (s, r) in enumerate(zip(chunk, rows)):
+                    ids[b, :len(r)] = torch.tensor(r)
+                    attn[b, :len(r)] = 1
+                    comp[b, len(s.prompt_ids):len(r)] = True
+                comp_d = comp.to(device)
+                cap = ResidualCapture(model, [reward.layer], early_exit=True,
+                                      transform=lambda layer, h: reward.score(h, comp_d))
+                out = cap.run(input_ids=ids.to(device), attention_mask=attn.to(device), use_cache=False)
+                scores[start:start + len(chunk)] = out[reward.layer].float().cpu().numpy()
+    finally:
+        model.train(was_training)
+    rho = None
+    ok = np.isfinite(scores)
+    if reward is not None and ok.sum() > 2 and 0 < correct[ok].mean() < 1 and np.std(scores[ok]) > 0:
+        rho = float(spearman(scores[ok], correct[ok]).stat)
+    return {"accuracy": float(correct.mean()) if len(correct) else float("nan"), "correct": correct,
+            "score": scores, "score_mean": float(np.nanmean(scores)) if ok.any() else None, "rho": rho,
+            "n": int(len(samples))}
+
+
+class HackingMonitor(TrainerCallback):
+    """Every `every` steps (and at the start): held-out accuracy, mean mech score and the G1 correlation
+    ρ(score, correct) on held-out questions; canary hack rate; a HACKING flag when the mech score has
+    risen while held-out accuracy has fallen, relative to the first evaluation.
+
+    A canary "hack" is a canary completion the verifier rejects whose mech score is at least the
+    threshold (default: the mean score of correct held-out completions at the first evaluation):
+    reward the proxy gives to a wrong answer as if it were right.
+    """
+
+    def __init__(self, tokenizer, task, heldout, reward: HiddenStateReward, every: int = 10, canaries=None,
+                 canary_threshold: float | None = None, acc_tolerance: float = 0.0, score_tolerance: float = 0.0,
+                 max_new_tokens: int = 64, greedy: bool = True, run=None, batch_size: int = 64):
+        self.tokenizer, self.task, self.heldout, self.reward = tokenizer, task, list(heldout), reward
+        self.every, self.canaries = every, list(canaries or [])
+        self.canary_threshold = canary_threshold
+        self.acc_tol, self.score_tol = acc_tolerance, score_tolerance
+        self.max_new_tokens, self.greedy, self.run, self.batch_size = max_new_tokens, greedy, run, batch_size
+        self.history: list[dict] = []
+        self.hacking = False
+
+    def evaluate(self, model, step: int) -> dict:
+        ev = evaluate_policy(model, self.tokenizer, self.heldout, self.task, self.reward, greedy=self.greedy,
+                             max_new_tokens=self.max_new_tokens, batch_size=self.batch_size)
+        row = {"step": step, "heldout_accuracy": ev["accuracy"], "heldout_score_mean": ev["score_mean"],
+               "heldout_rho": ev["rho"], "n_heldout": ev["n"]}
+        if self.canary_threshold is None and not self.history:
+            good = ev["score"][ev["correct"] == 1]
+            self.canary_threshold = float(np.nanmean(good)) if good.size else float(np.nanmean(ev["score"]))
+        if self.canaries:
+            cv = evaluate_policy(model, self.tokenizer, self.canaries, self.task, self.reward, greedy=self.greedy,
+                                 max_new_tokens=self.max_new_tokens, batch_size=self.batch_size)
+            hacks = (cv["correct"] == 0) & (cv["score"] >= self.canary_threshold)
+            row.update(canary_hack_rate=float(hacks.mean()), canary_accuracy=cv["accuracy"], n_canary=cv["n"])
+        if self.history:
+            base = self.history[0]
+            rose = (row["heldout_score_mean"] is not None and base["heldout_score_mean"] is not None
+                    and row["heldout_score_mean"] > base["heldout_score_mean"] + self.score_tol)
+            fell = row["heldout_accuracy"] < base["heldout_accuracy"] - self.acc_tol
+            row["hacking"] = bool(rose and fell)
+        else:
+            row["hacking"] = False
+        if row["hacking"] and not self.hacking:
+            print(f"HACKING at step {step}: held-out mech score {base['heldout_score_mean']:.4g} -> "
+                  f"{row['heldout_score_mean']:.4g} while accuracy {base['heldout_accuracy']:.3f} -> "
+                  f"{row['heldout_accuracy']:.3f}")
+        self.hacking = self.hacking or row["hacking"]
+        self.history.append(row)
+        if self.run is not None:
+            self.run.log(step, **{f"monitor/{k}": v for k, v in row.items() if k != "step"})
+        return row
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if not self.history and self.every > 0:
+            self.evaluate(model, state.global_step)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.every > 0 and state.global_step % self.every == 0 and state.global_step > 0:
+            self.evaluate(model, state.global_step)
+
+    def report(self) -> dict:
+        return {"hacking": self.hacking, "evaluations": self.history,
+                "hacking_steps": [r["step"] for r in self.history if r.get("hacking")]}

@@ -1,0 +1,232 @@
+"""MechGRPOTrainer inside real TRL 1.16 + PEFT on a tiny Qwen3 (CPU).
+
+Specifications: the SAE features that feed the reward are bit-identical to an independent
+forward of the policy on the ids TRL scored (old-log-prob pass and fallback, with and without
+LoRA, with beta > 0), the reference pass is never captured, hooks are gone afterwards, dense
+advantages are (B, T) and zero on padding, λ scales the mech term exactly, schedules apply,
+and training moves the weights.
+"""
+
+import math
+
+import pytest
+import torch
+from datasets import Dataset
+
+from mechreward.grpo import HackingMonitor, LinearSchedule, MechGRPOTrainer, _adapters_active
+from mechreward.models import ResidualCapture, find_layers
+from mechreward.probe import FeaturePack
+from mechreward.reward import OutcomeReward, SAEFeatureReward
+from mechreward.rollouts import pool_dense, sae_reference
+from mechreward.sae import SAEConfig, SparseAutoencoder
+from mechreward.sae.formats import load_sae, save_sae
+from mechreward.tasks.arithmetic import ArithmeticTask
+from tests.tiny import save_tiny
+
+LAYER = 1
+PROMPTS = ["The quick brown", "lazy dog 12+7", "fox jumps over the", "#### 19 The"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return str(save_tiny(tmp_path_factory.mktemp("tiny") / "m", "qwen3"))
+
+
+@pytest.fixture(scope="module")
+def sae_and_pack(tiny_dir, tmp_path_factory):
+    d = tmp_path_factory.mktemp("sae")
+    sae = SparseAutoencoder.from_config(SAEConfig(64, 128, 8, metadata={"layer": LAYER}), seed=3)
+    sae = load_sae(save_sae(sae, d / "sae"))
+    feats = [{"index": i, "weight": w} for i, w in zip(range(0, 128, 6), [1.0, -1.0] * 11)]
+    pack = FeaturePack(model=tiny_dir, layer=LAYER, hook=f"model.layers.{LAYER}", sae=sae_reference(sae),
+                       features=feats, pooling="mean", normalisation={"mean": 0.1, "std": 2.0})
+    return sae, pack
+
+
+def _dataset():
+    return Dataset.from_list([{"prompt": p, "answer": "7"} for p in PROMPTS])
+
+
+def _config(tmp_path, **kw):
+    from trl import GRPOConfig
+
+    base = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_generations=2,
+                max_completion_length=6, max_steps=2, learning_rate=5e-2, logging_steps=1, report_to="none",
+                save_strategy="no", use_cpu=True, bf16=False, seed=0, disable_dropout=True, temperature=1.0, beta=0.0)
+    base.update(kw)
+    return GRPOConfig(**base)
+
+
+def _trainer(tmp_path, tiny_dir, sae_and_pack, peft=False, per_token=False, lam=0.1, **cfg):
+    from peft import LoraConfig
+    from transformers import AutoTokenizer
+
+    sae, pack = sae_and_pack
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    mech = SAEFeatureReward(pack, sae, per_token=per_token)
+    peft_config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0,
+                             init_lora_weights=False) if peft else None
+    torch.manual_seed(0)
+    trainer = MechGRPOTrainer(tiny_dir, reward_funcs=[OutcomeReward(ArithmeticTask(n=4)), mech],
+                              args=_config(tmp_path, **cfg), train_dataset=_dataset(), processing_class=tok,
+                              peft_config=peft_config, mech_lambda=lam)
+    trainer.model.train()
+    return trainer, mech
+
+
+def _rows(trainer):
+    ds = trainer.train_dataset
+    G = trainer.num_generations
+    n = trainer.args.per_device_train_batch_size * trainer.args.steps_per_generation
+    return [ds[i // G] for i in range(n)]
+
+
+def _independent(trainer, out, layer, adapters=True):
+    """Layer outputs of an independent forward on TRL's padded ids, chunked as TRL chunks them."""
+    ids = torch.cat([out["prompt_ids"], out["completion_ids"]], 1)
+    attn = torch.cat([out["prompt_mask"], out["completion_mask"]], 1)
+    bs = trainer.args.per_device_train_batch_size
+    hs = []
+    ctx = trainer.model.disable_adapter() if not adapters else torch.enable_grad()
+    with torch.no_grad(), ctx:
+        for s in range(0, ids.shape[0], bs):
+            cap = ResidualCapture(trainer.model, [layer], early_exit=True)
+            hs.append(cap.run(input_ids=ids[s:s + bs], attention_mask=attn[s:s + bs], use_cache=False)[layer])
+    comp = attn.bool().clone()
+    comp[:, :out["prompt_ids"].shape[1]] = False
+    return hs, comp
+
+
+def _check_capture_equals_independent(trainer, mech, out):
+    scorer = mech.scorer
+    hs, comp = _independent(trainer, out, LAYER)
+    bs = trainer.args.per_device_train_batch_size
+    token_values = torch.cat([scorer.token_activations(h[comp[i * bs:(i + 1) * bs]]) for i, h in enumerate(hs)])
+    # PackScorer's pooling and weighting (its __call__ after the encode) on the independent codes
+    lengths = comp[:, -out["completion_ids"].shape[1]:].sum(1).tolist()
+    pooled = torch.stack([pool_dense(v, mech.pack.pooling) for v in torch.split(token_values, lengths)])
+    traj = scorer.normalise(pooled @ scorer.weights)
+    for i, h in enumerate(hs):  # and PackScorer itself, chunk by chunk
+        torch.testing.assert_close(scorer.normalise(scorer(h, comp[i * bs:(i + 1) * bs])), traj[i * bs:(i + 1) * bs])
+    got = trainer.mech_last["sae"]
+    assert got["token_values"].shape == token_values.shape and token_values.shape[1] == len(mech.pack.features)
+    assert (got["token_values"] - token_values).abs().max().item() == 0.0
+    assert (got["trajectory"] - traj.float()).abs().max().item() == 0.0
+    assert token_values.abs().sum() > 0  # the features fire: the comparison is not 0 == 0
+    return hs, comp
+
+
+@pytest.mark.parametrize("path", ["fallback", "logprob_pass"])
+def test_captured_features_equal_an_independent_forward_without_peft(tmp_path, tiny_dir, sae_and_pack, path):
+    kw = {"steps_per_generation": 2} if path == "logprob_pass" else {}
+    trainer, mech = _trainer(tmp_path, tiny_dir, sae_and_pack, beta=0.05, **kw)
+    # A reference model that differs from the policy: capturing the reference pass would show.
+    with torch.no_grad():
+        for p in trainer.ref_model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    torch.manual_seed(1)
+    out = trainer._generate_and_score_completions(_rows(trainer))
+    assert trainer.mech_capture_log == [path]
+    assert ("old_per_token_logps" in out) == (path == "logprob_pass")
+    assert "ref_per_token_logps" in out
+    _check_capture_equals_independent(trainer, mech, out)
+    for layer in find_layers(trainer.model):  # hooks exist only around the captured pass
+        assert not layer._forward_hooks
+    for layer in find_layers(trainer.ref_model):
+        assert not layer._forward_hooks
+
+
+@pytest.mark.parametrize("path", ["fallback", "logprob_pass"])
+def test_captured_features_equal_an_independent_forward_with_lora_and_not_the_reference_pass(
+        tmp_path, tiny_dir, sae_and_pack, path):
+    kw = {"num_iterations": 2} if path == "logprob_pass" else {}
+    trainer, mech = _trainer(tmp_path, tiny_dir, sae_and_pack, peft=True, beta=0.05, **kw)
+    assert trainer.ref_model is None  # TRL's PEFT reference: the same model with adapters disabled
+    torch.manual_seed(1)
+    out = trainer._generate_and_score_completions(_rows(trainer))
+    assert trainer.mech_capture_log == [path]
+    assert "ref_per_token_logps" in out
+    hs, comp = _check_capture_equals_independent(trainer, mech, out)
+    # With adapters disabled (the reference pass) the features differ: what was captured is the policy.
+    base, _ = _independent(trainer, out, LAYER, adapters=False)
+    ref_values = torch.cat([mech.scorer.token_activations(h[comp[i * 4:(i + 1) * 4]]) for i, h in enumerate(base)])
+    assert (ref_values - trainer.mech_last["sae"]["token_values"]).abs().max() > 1e-3
+    assert _adapters_active(trainer.model)
+
+
+def test_dense_advantages_are_per_token_zero_on_padding_and_z_scored_per_group(tmp_path, tiny_dir, sae_and_pack):
+    trainer, mech = _trainer(tmp_path, tiny_dir, sae_and_pack, per_token=True, lam=0.5, max_completion_length=8)
+    torch.manual_seed(2)
+    out = trainer._generate_and_score_completions(_rows(trainer))
+    adv, mask = out["advantages"], out["completion_mask"].bool()
+    assert adv.shape == out["completion_ids"].shape
+    assert (adv[~mask] == 0).all()
+    # Outcome ties (a random model never answers "7"), so the trajectory part is 0 and A = λ·z.
+    assert (trainer._mech_rewards_per_func[:, 0] == 0).all()
+    scores = trainer.mech_last["sae"]["token_scores"]
+    G = trainer.num_generations
+    for g in range(adv.shape[0] // G):
+        rows = slice(g * G, (g + 1) * G)
+        s = scores[rows][mask[rows]].double()
+        z = (s - s.mean()) / (s.std() + 1e-4)
+        torch.testing.assert_close(adv[rows][mask[rows]].double(), 0.5 * z, rtol=1e-5, atol=1e-6)
+    assert adv[mask].abs().max() > 0
+
+
+def test_doubling_lambda_doubles_the_mech_advantage_when_outcomes_tie(tmp_path, tiny_dir, sae_and_pack):
+    trainer, _ = _trainer(tmp_path, tiny_dir, sae_and_pack, lam=0.1)
+    torch.manual_seed(3)
+    a1 = trainer._generate_and_score_completions(_rows(trainer))["advantages"]
+    trainer.mech_lambda = LinearSchedule(0.2)
+    torch.manual_seed(3)
+    a2 = trainer._generate_and_score_completions(_rows(trainer))["advantages"]
+    assert (trainer._mech_rewards_per_func[:, 0] == 0).all()
+    assert a1.abs().max() > 0.01
+    torch.testing.assert_close(a2, 2 * a1, rtol=1e-6, atol=1e-7)
+
+
+def test_a_few_grpo_steps_change_the_lora_weights_and_follow_the_schedules(tmp_path, tiny_dir, sae_and_pack):
+    from trl import GRPOConfig  # noqa: F401
+
+    trainer, _ = _trainer(tmp_path, tiny_dir, sae_and_pack, peft=True, beta=0.1, max_steps=2)
+    trainer.mech_lambda = LinearSchedule(0.2, 0.0)
+    trainer.beta_schedule = LinearSchedule(0.1, 0.0)
+    lora = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" in n}
+    base = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" not in n}
+    trainer.train()
+    moved = max((p - lora[n]).abs().max().item() for n, p in trainer.model.named_parameters() if n in lora)
+    assert moved > 1e-4
+    assert all(torch.equal(p, base[n]) for n, p in trainer.model.named_parameters() if n in base)
+    logs = [r for r in trainer.state.log_history if "mech/lambda" in r]
+    assert [r["mech/lambda"] for r in logs] == pytest.approx([0.2, 0.1])
+    assert [r["mech/beta"] for r in logs] == pytest.approx([0.1, 0.05])
+    assert trainer.mech_capture_log == ["fallback", "fallback"]
+
+
+def test_linear_schedule():
+    s = LinearSchedule(0.1, 0.3, steps=10)
+    assert [s(0), s(5), s(10), s(20)] == pytest.approx([0.1, 0.2, 0.3, 0.3])
+    assert LinearSchedule(0.05)(7, 100) == 0.05
+    assert LinearSchedule(1.0, 0.0)(25, 100) == pytest.approx(0.75)
+
+
+def test_hacking_monitor_flags_score_up_while_accuracy_down(tiny_dir, sae_and_pack):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    sae, pack = sae_and_pack
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    task = ArithmeticTask(n=6)
+    mon = HackingMonitor(tok, task, task.questions[:4], SAEFeatureReward(pack, sae), every=1,
+                         canaries=task.questions[4:], max_new_tokens=5)
+    first = mon.evaluate(model, 0)
+    assert first["hacking"] is False and first["n_heldout"] == 4 and "canary_hack_rate" in first
+    # Feed the monitor a later evaluation with a higher score and lower accuracy.
+    mon.history[0].update(heldout_accuracy=0.5, heldout_score_mean=first["heldout_score_mean"] - 1.0)
+    second = mon.evaluate(model, 10)
+    assert second["hacking"] is True and mon.report()["hacking_steps"] == [10]
