@@ -427,3 +427,25 @@ class HackingMonitor(TrainerCallback):
     def report(self) -> dict:
         return {"hacking": self.hacking, "evaluations": self.history,
                 "hacking_steps": [r["step"] for r in self.history if r.get("hacking")]}
+
+
+# --------------------------------------------------------------------------- config pass-through
+
+def grpo_config(defaults: dict, overrides: dict | None = None):
+    """A TRL `GRPOConfig` from our defaults plus user overrides by their TRL names.
+
+    An override key that is not a GRPOConfig field is a ConfigError naming it (and the closest field).
+    """
+    import dataclasses
+    import difflib
+
+    from trl import GRPOConfig
+
+    names = {f.name for f in dataclasses.fields(GRPOConfig) if f.init}
+    overrides = dict(overrides or {})
+    for key in overrides:
+        if key not in names:
+            close = difflib.get_close_matches(key, sorted(names), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"grpo.{key} is not a TRL GRPOConfig field{hint}")
+    return GRPOConfig(**{**defaults, **overrides})
