@@ -2,8 +2,8 @@
 
 A TopK SAE touches only k of d_sae latents per token, so both the decoder and the encoder's
 backward can skip the zeros. Callers never branch on hardware: `sparse_decode` picks its
-implementation per device (`DECODE_IMPLS`, `decode_impl_for`), which is also where a Triton
-GPU kernel will plug in.
+implementation per device (`DECODE_IMPLS`, `decode_impl_for`); on CUDA with Triton installed
+both go to the fused kernels of `triton_kernels` (impl "triton").
 
 Measured on CPU (2 cores, N=4096 tokens, k=32, d_sae=8192, d_in=512, forward + backward):
 a dense scatter-then-matmul costs ~1.5 s; gathering rows (`W_dec[indices]`) ~0.9 s;
@@ -13,6 +13,7 @@ benchmarks/README.md for the numbers and how to re-measure (`python -m mechrewar
 
 from __future__ import annotations
 
+import importlib.util
 import warnings
 from typing import Callable
 
@@ -91,9 +92,14 @@ DECODE_IMPLS: dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]] = {
 }
 """Every decode implementation by name; all compute the same function."""
 
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+"""Triton is importable. Its kernels ("triton") need a CUDA tensor, or TRITON_INTERPRET=1 set before
+`triton_kernels` is imported; so "triton" is not in `DECODE_IMPLS` (which all run on CPU)."""
+
 # Per device type. CPU: embedding_bag measured fastest end to end (forward + backward) on the
-# benchmark shape. CUDA: a Triton kernel goes here when added; embedding_bag until then.
-_DEFAULT_DECODE = {"cpu": "embedding_bag", "cuda": "embedding_bag"}
+# benchmark shape. CUDA: the fused Triton kernels when installed (decode, W_dec and encoder
+# backward touch only the selected latents), embedding_bag + CSR products otherwise.
+_DEFAULT_DECODE = {"cpu": "embedding_bag", "cuda": "triton" if HAS_TRITON else "embedding_bag"}
 
 
 def decode_impl_for(device: torch.device | str) -> str:
@@ -104,10 +110,15 @@ def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, impl: str | No
     """x̂ without bias: out[n] = Σ_j values[n, j] · W_dec[indices[n, j]].
 
     values, indices: [N, k]; W_dec: [d_sae, d_in] → [N, d_in] (dtype of W_dec). Differentiable
-    in values and W_dec. `impl` forces one of `DECODE_IMPLS`; None picks the device's fastest.
+    in values and W_dec. `impl` forces one of `DECODE_IMPLS` or "triton"; None picks the
+    device's fastest.
     """
-    fn = DECODE_IMPLS[impl or decode_impl_for(W_dec.device)]
-    return fn(values, indices, W_dec)
+    impl = impl or decode_impl_for(W_dec.device)
+    if impl == "triton":
+        from .triton_kernels import decode
+
+        return decode(values, indices, W_dec)
+    return DECODE_IMPLS[impl](values, indices, W_dec)
 
 
 # --------------------------------------------------------------------------- encoder gather
@@ -140,12 +151,18 @@ class _SelectedPreacts(torch.autograd.Function):
         return gx, gW, gb, None, None
 
 
-def selected_preacts(x: Tensor, W_enc: Tensor, b_enc: Tensor, indices: Tensor, pre: Tensor) -> Tensor:
+def selected_preacts(x: Tensor, W_enc: Tensor, b_enc: Tensor, indices: Tensor, pre: Tensor,
+                     impl: str | None = None) -> Tensor:
     """Differentiable gather of the encoder pre-activations at `indices` ([N, k]).
 
     x [N, d_in] (already centred), W_enc [d_in, d_sae], b_enc [d_sae]; `pre` [N, d_sae] must be
-    x @ W_enc + b_enc computed under no_grad (it is reused, not recomputed).
+    x @ W_enc + b_enc computed under no_grad (it is reused, not recomputed). The backward is
+    Triton's (`impl="triton"`, the default on CUDA when installed) or CSR products (any other).
     """
+    if (impl or decode_impl_for(W_enc.device)) == "triton":
+        from .triton_kernels import selected_preacts as triton_selected_preacts
+
+        return triton_selected_preacts(x, W_enc, b_enc, indices, pre)
     return _SelectedPreacts.apply(x, W_enc, b_enc, indices, pre)
 
 
