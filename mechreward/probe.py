@@ -307,8 +307,9 @@ def build_pack(pooled, labels, sae_ref: dict, model: str, layer: int, pooling: s
 class ProbeConfig:
     """Config of `python -m mechreward.probe` (conf/probe.yaml): a pack from a rollout directory."""
 
-    rollouts: str = "???"
-    """Rollout directory with SAE codes (`python -m mechreward.rollouts`)."""
+    rollouts: str | None = None
+    """Rollout directory with SAE codes (`python -m mechreward.rollouts`); null = sample the organism's
+    default rollouts (`RolloutsConfig()`: arithmetic, its SAE) into the run dir first."""
     questions: list[str] | None = None
     """Question ids to build on (the discovery split); null = all."""
     pooling: str = "mean"
@@ -319,10 +320,10 @@ class ProbeConfig:
 
 
 def run_probe(cfg: ProbeConfig, run: Run) -> dict:
-    from .rollouts import RolloutSet
+    from .rollouts import RolloutsConfig, RolloutSet, generate_rollouts
 
     t0 = time.time()
-    rs = RolloutSet(cfg.rollouts)
+    rs = RolloutSet(cfg.rollouts or generate_rollouts(RolloutsConfig(seed=cfg.seed), run))
     if not rs.header.get("sae"):
         raise DataError(f"rollouts at {rs.dir} hold no SAE codes (made with sae=null)")
     qids = rs.question_ids

@@ -151,8 +151,20 @@ def pool_sparse(values: torch.Tensor, indices: torch.Tensor, row: torch.Tensor, 
 # --------------------------------------------------------------------------- SAE resolution
 
 ORGANISM_SAE = "organism"
-FALLBACK_ORGANISM_SAE = Path("sae") / "organism-L2-k32-2048"
-"""Where `sae.path=organism` trains (once) and then reuses an SAE when the package ships none."""
+
+
+def fallback_organism_sae() -> Path:
+    """Where `sae.path=organism` trains (once) and then reuses an SAE when the package ships none.
+
+    The name carries a hash of the organism's weights, so a retrained organism never reuses an
+    SAE trained on the old one.
+    """
+    from .organism import ORGANISM_DIR
+    from .sae.formats import sha256_file
+
+    weights = Path(ORGANISM_DIR) / "model.safetensors"
+    tag = sha256_file(weights)[:12] if weights.exists() else "missing"
+    return Path("sae") / f"organism-{tag}-L2-k32-2048"
 
 
 def resolve_sae_path(spec: str, run: Run | None = None) -> Path:
@@ -164,15 +176,18 @@ def resolve_sae_path(spec: str, run: Run | None = None) -> Path:
     shipped = getattr(organism, "ORGANISM_SAE_DIR", None)
     if shipped is not None and (Path(shipped) / "cfg.json").exists():
         return Path(shipped)
-    if (FALLBACK_ORGANISM_SAE / "cfg.json").exists():
-        return FALLBACK_ORGANISM_SAE
+    fallback = fallback_organism_sae()
+    if (fallback / "cfg.json").exists():
+        return fallback
     from .sae_train import SAETrainRunConfig, run_sae_train
 
-    print(f"no organism SAE shipped; training one into {FALLBACK_ORGANISM_SAE} (once)")
-    tcfg = SAETrainRunConfig(output_dir=str(FALLBACK_ORGANISM_SAE.parent), name=FALLBACK_ORGANISM_SAE.name)
+    print(f"no organism SAE shipped; training one into {fallback} (once)")
+    # 600k tokens (not sae_train's 2M) keeps a first `python -m mechreward.g1` within minutes on a CPU.
+    tcfg = SAETrainRunConfig(output_dir=str(fallback.parent), name=fallback.name, layers=[2], tokens=600_000,
+                             checkpoint_every=0)
     sub = Run((run.dir if run is not None else Path("runs")) / "sae_train", "sae_train")
     run_sae_train(tcfg, sub)
-    return FALLBACK_ORGANISM_SAE
+    return fallback
 
 
 def load_sae_for(spec: str | None, model, run: Run | None = None):

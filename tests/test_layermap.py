@@ -74,3 +74,31 @@ def test_logit_lens_applies_the_final_norm_then_the_head():
         no_norm = torch.softmax(model.lm_head(x), -1)[:, marker].sum(-1).mean()
     assert got == pytest.approx(float(want), rel=1e-5)
     assert abs(got - float(no_norm)) > 1e-4
+
+
+def test_layermap_end_to_end_on_a_tiny_model(tmp_path):
+    import json
+
+    from mechreward.layermap import LayermapConfig, run_layermap
+    from mechreward.models import ModelConfig
+    from mechreward.rollouts import SamplingConfig
+    from mechreward.run import Run
+    from mechreward.tasks import TaskConfig
+    from test_g1 import _letter_writing_model
+
+    _letter_writing_model(tmp_path / "model")
+    rows = [{"question": f"Is {i} even?", "options": ["yes", "no"], "answer_letter": "AB"[i % 2]} for i in range(40)]
+    (tmp_path / "q.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    cfg = LayermapConfig(model=ModelConfig(name_or_path=str(tmp_path / "model"), device="cpu"),
+                         task=TaskConfig(name="mcq", source=str(tmp_path / "q.jsonl")),
+                         sampling=SamplingConfig(greedy=False, max_new_tokens=16, batch_size=40), folds=3,
+                         markers=["A"])
+    run = Run(tmp_path / "run")
+    report = run_layermap(cfg, run)
+    assert [r["layer"] for r in report["layers"]] == [0, 1, 2, 3]
+    assert report["peak_layer"] == max(report["layers"], key=lambda r: r["d_top10"])["layer"]
+    assert report["recommended_layer"] == report["peak_layer"]  # dense model
+    assert report["commit_layer"] in range(1, 4) and 0 < report["n_correct"] < report["n_responses"]
+    saved = json.loads((run.dir / "report.json").read_text())
+    assert {"layers", "peak_layer", "commit_layer", "recommended_layer"} <= set(saved)
+    assert (run.dir / "layermap.png").exists() and (run.dir / "report.md").exists()
