@@ -317,19 +317,20 @@ class MechGRPOTrainer(GRPOTrainer):
 @torch.no_grad()
 def evaluate_policy(model, tokenizer, questions, task, reward: HiddenStateReward | None = None, n: int = 1,
                     greedy: bool = True, max_new_tokens: int = 64, batch_size: int = 64, seed: int = 0,
-                    temperature: float = 1.0) -> dict:
+                    temperature: float = 1.0, chat: bool = False) -> dict:
     """Sample on `questions`, grade, and score each completion with `reward` on the exact sampled ids.
 
     Returns accuracy, per-completion `correct [R]` and `score [R]` (trajectory mech score, teacher-forced
     right-padded pass with early exit at the reward's layer), their means and Spearman ρ (None if undefined).
     """
     from .generate import sample
+    from .rollouts import prompt_ids
     from .stats import spearman
 
     was_training = model.training
     model.eval()
     try:
-        prompts = [tokenizer(q.prompt, add_special_tokens=False)["input_ids"] for q in questions]
+        prompts = prompt_ids(tokenizer, questions, chat)  # as G1 builds them (chat template when `chat`)
         samples = sample(model, tokenizer, prompts, n=n, greedy=greedy, temperature=temperature,
                          max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)
         correct = np.array([task.verify(s.text, questions[s.prompt_index].answer) for s in samples], dtype=float)
@@ -376,18 +377,19 @@ class HackingMonitor(TrainerCallback):
 
     def __init__(self, tokenizer, task, heldout, reward: HiddenStateReward, every: int = 10, canaries=None,
                  canary_threshold: float | None = None, acc_tolerance: float = 0.0, score_tolerance: float = 0.0,
-                 max_new_tokens: int = 64, greedy: bool = True, run=None, batch_size: int = 64):
+                 max_new_tokens: int = 64, greedy: bool = True, run=None, batch_size: int = 64, chat: bool = False):
         self.tokenizer, self.task, self.heldout, self.reward = tokenizer, task, list(heldout), reward
         self.every, self.canaries = every, list(canaries or [])
         self.canary_threshold = canary_threshold
         self.acc_tol, self.score_tol = acc_tolerance, score_tolerance
         self.max_new_tokens, self.greedy, self.run, self.batch_size = max_new_tokens, greedy, run, batch_size
+        self.chat = chat
         self.history: list[dict] = []
         self.hacking = False
 
     def evaluate(self, model, step: int) -> dict:
         ev = evaluate_policy(model, self.tokenizer, self.heldout, self.task, self.reward, greedy=self.greedy,
-                             max_new_tokens=self.max_new_tokens, batch_size=self.batch_size)
+                             max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, chat=self.chat)
         row = {"step": step, "heldout_accuracy": ev["accuracy"], "heldout_score_mean": ev["score_mean"],
                "heldout_rho": ev["rho"], "n_heldout": ev["n"]}
         if self.canary_threshold is None and not self.history:
@@ -395,7 +397,7 @@ class HackingMonitor(TrainerCallback):
             self.canary_threshold = float(np.nanmean(good)) if good.size else float(np.nanmean(ev["score"]))
         if self.canaries:
             cv = evaluate_policy(model, self.tokenizer, self.canaries, self.task, self.reward, greedy=self.greedy,
-                                 max_new_tokens=self.max_new_tokens, batch_size=self.batch_size)
+                                 max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, chat=self.chat)
             hacks = (cv["correct"] == 0) & (cv["score"] >= self.canary_threshold)
             row.update(canary_hack_rate=float(hacks.mean()), canary_accuracy=cv["accuracy"], n_canary=cv["n"])
         if self.history:
