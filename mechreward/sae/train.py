@@ -96,8 +96,15 @@ class SAETrainer:
     """Adam on a `SparseAutoencoder` with unit-norm decoder rows, AuxK and dead-latent tracking."""
 
     def __init__(self, sae: SparseAutoencoder, cfg: TrainerConfig | None = None, total_steps: int = 1,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, world=None):
+        """`world` (a `mechreward.distributed.World` of several ranks) makes the step data parallel:
+        each rank passes its slice of the global batch and all ranks follow the one-process run."""
         self.cfg = cfg = cfg or TrainerConfig()
+        self.data_parallel = None
+        if world is not None and world.enabled:
+            from ..distributed import DataParallel
+
+            self.data_parallel = DataParallel(world)
         if total_steps <= 0:
             raise ConfigError(f"total_steps={total_steps} must be positive")
         self.total_steps = int(total_steps)
@@ -180,11 +187,12 @@ class SAETrainer:
     def step(self, x: Tensor) -> StepOutput:
         """One optimiser step on x [B, d_in]. No host sync; outputs stay on the device."""
         x = self._check(x)
+        dp = self.data_parallel
         if not self.initialized:
-            self.initialize(x)
+            self.initialize(dp.gather_batch(x) if dp else x)
         sae, cfg = self.sae, self.cfg
         sae.train()
-        n_tokens = x.shape[0]
+        n_tokens = x.shape[0] * (dp.world.world_size if dp else 1)
 
         # Host-side bound: no latent can be dead before dead_tokens tokens were seen.
         dead = self.dead_mask() if cfg.auxk and self.tokens_seen >= cfg.dead_tokens else None
@@ -192,9 +200,17 @@ class SAETrainer:
                             enabled=self.autocast_dtype is not None):
             out = sae(x, dead_mask=dead, k_aux=self.k_aux)
             loss = out.fvu + cfg.aux_coef * out.auxk_loss if dead is not None else out.fvu
+        fvu, auxk_loss, fired = out.fvu, out.auxk_loss, out.fired
+        if dp:  # this rank's share of the global-batch loss; gradients summed over ranks below
+            share = dp.variance_share(x.to(sae.dtype) * sae.act_scale)
+            loss, fvu, auxk_loss = loss * share, fvu * share, auxk_loss * share
 
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if dp:
+            dp.sum_grads(sae.parameters())
+            fired = dp.any(fired)
+            loss, fvu, auxk_loss = dp.sum(torch.stack([loss.detach(), fvu.detach(), auxk_loss.detach()])).unbind()
         sae.remove_gradient_parallel_to_decoder_directions()
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip, foreach=True)
@@ -205,12 +221,14 @@ class SAETrainer:
         sae.set_decoder_norm_to_unit_norm()
 
         with torch.no_grad():
-            self.tokens_since_fired.add_(n_tokens).masked_fill_(out.fired, 0)
+            self.tokens_since_fired.add_(n_tokens).masked_fill_(fired, 0)
             l0 = (out.values != 0).sum(-1).float().mean()
+            if dp:
+                l0 = dp.sum(l0) / dp.world.world_size
             dead_fraction = self.dead_mask().float().mean()
         self.tokens_seen += n_tokens
         self.step_count += 1
-        return StepOutput(loss.detach(), out.fvu.detach(), out.auxk_loss.detach(), l0, dead_fraction, lr)
+        return StepOutput(loss.detach(), fvu.detach(), auxk_loss.detach(), l0, dead_fraction, lr)
 
     # ------------------------------------------------------------------ resume
 
