@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from . import io
+from .distributed import World, init as init_distributed, layers_for_rank
 from .activations import (ActivationSource, FilterConfig, LiveSource, StoreSource, TensorSource, TokenStats,
                           filter_tokens, sae_batches)
 from .cli import hydra_command
@@ -84,6 +85,9 @@ class SAETrainRunConfig:
     dry_run: bool = False
     """Read only the model config and print what the run would do."""
     seed: int = 0
+    distributed: str = "data"
+    """Under torchrun: `data` (every SAE data parallel: each rank trains on its slice of every
+    global batch of `batch_size`) or `layers` (each rank trains its own layers' SAEs)."""
 
 
 def sae_name(cfg: SAETrainRunConfig, layer: int) -> str:
@@ -179,24 +183,35 @@ class _Loggers:
 
 
 def train_saes(source: ActivationSource, cfg: SAETrainRunConfig, run: Run, checkpoint: dict | None = None,
-               device: torch.device | None = None) -> dict[int, SparseAutoencoder]:
-    """Train one SAE per layer of `source`; checkpoints to `run.dir/checkpoint.pt`."""
+               device: torch.device | None = None, world: World | None = None) -> dict[int, SparseAutoencoder]:
+    """Train one SAE per layer of `source`; checkpoints to `run.dir/checkpoint.pt`.
+
+    Under several ranks (`world`) every rank reads the same source; with `cfg.distributed`
+    `data` each rank steps on its slice of each batch, with `layers` on its own layers (the
+    SAEs returned are this rank's). Rank 0 writes logs and checkpoints.
+    """
     device = device or torch.device("cpu")
+    world = world or World()
+    if cfg.distributed not in ("data", "layers"):
+        raise ConfigError(f"distributed={cfg.distributed!r}; expected data or layers")
+    by_layer = world.enabled and cfg.distributed == "layers"
     d_in = source.d_in
     _check_shape(cfg, d_in)
     steps = cfg.tokens // cfg.batch_size
     saes, trainers = {}, {}
-    for layer in source.layers:
+    for layer in (layers_for_rank(source.layers, world) if by_layer else source.layers):
         scfg = SAEConfig(d_in=d_in, d_sae=cfg.sae.d_sae, k=cfg.sae.k, architecture=cfg.sae.architecture,
                          metadata={"model_name": cfg.model.name_or_path, "layer": layer,
                                    "hook_name": f"model.layers.{layer}"})
         torch.manual_seed(cfg.seed + layer)
         saes[layer] = SparseAutoencoder.from_config(scfg).to(device)
-        trainers[layer] = SAETrainer(saes[layer], cfg.trainer, total_steps=steps, device=device)
+        trainers[layer] = SAETrainer(saes[layer], cfg.trainer, total_steps=steps, device=device,
+                                     world=None if by_layer else world)
     step, position = 0, (0, 0)
     if checkpoint is not None:
         for layer, state in checkpoint["trainers"].items():
-            trainers[int(layer)].load_state_dict(state)
+            if int(layer) in trainers:
+                trainers[int(layer)].load_state_dict(state)
         step, position = checkpoint["step"], tuple(checkpoint["position"])
         source.stats = TokenStats(checkpoint["stats"])
         torch.set_rng_state(checkpoint["torch_rng"])
@@ -209,25 +224,25 @@ def train_saes(source: ActivationSource, cfg: SAETrainRunConfig, run: Run, check
         if step >= steps:
             break
         outs = {}
-        for layer, x in batch.items():
-            x = x.to(device, torch.float32)
+        for layer, trainer in trainers.items():
+            x = batch[layer].to(device, torch.float32)
             if step == 0:
-                trainers[layer].initialize(x)
-            outs[layer] = trainers[layer].step(x)
+                trainer.initialize(x)  # the global batch: identical on every rank
+            outs[layer] = trainer.step(x if by_layer else world.local_slice(x))
         step += 1
         bar.update(cfg.batch_size)
-        if step % cfg.log_every == 0 or step == steps:
+        if (step % cfg.log_every == 0 or step == steps) and world.is_main:
             rate = (step - step0) * cfg.batch_size / max(time.time() - t0, 1e-9)
             for layer, o in outs.items():
                 row = {k: float(v) for k, v in o._asdict().items()
                        if isinstance(v, (int, float)) or (torch.is_tensor(v) and v.numel() == 1)}
                 loggers.log(step, {"layer": layer, "tokens": step * cfg.batch_size, "tokens_per_second": rate, **row})
-            bar.set_postfix(fvu=f"{float(outs[source.layers[0]].fvu):.3f}")
+            bar.set_postfix(fvu=f"{float(next(iter(outs.values())).fvu):.3f}")
         if every and step % every == 0 and step < steps:
-            save_checkpoint(run, trainers, step, position, source.stats, cfg)
+            save_checkpoint(run, trainers, step, position, source.stats, cfg, world, gather=by_layer)
     bar.close()
     loggers.close()
-    if step < steps:
+    if step < steps and world.is_main:
         run.log(step, warning=f"data ran out after {step * cfg.batch_size} tokens (asked for {cfg.tokens})")
     elapsed = time.time() - t0
     for layer, sae in saes.items():
@@ -236,8 +251,16 @@ def train_saes(source: ActivationSource, cfg: SAETrainRunConfig, run: Run, check
     return saes
 
 
-def save_checkpoint(run: Run, trainers: dict, step: int, position: tuple, stats: dict, cfg) -> None:
-    state = {"trainers": {int(l): t.state_dict() for l, t in trainers.items()}, "step": step,
+def save_checkpoint(run: Run, trainers: dict, step: int, position: tuple, stats: dict, cfg,
+                    world: World | None = None, gather: bool = False) -> None:
+    """Rank 0 writes; with `gather` (layers split over ranks) it first collects every rank's trainers."""
+    world = world or World()
+    states = {int(l): t.state_dict() for l, t in trainers.items()}
+    if gather:
+        states = {l: s for part in world.all_gather_object(states) for l, s in part.items()}
+    if not world.is_main:
+        return
+    state = {"trainers": states, "step": step,
              "position": list(position), "stats": dict(stats), "torch_rng": torch.get_rng_state(),
              "config": json.loads(json.dumps(asdict(cfg), default=str))}
     io.torch_save(run.path(CHECKPOINT), state)
@@ -317,8 +340,9 @@ def run_sae_train(cfg: SAETrainRunConfig, run: Run) -> dict:
             raise ConfigError(f"resume=true but no unfinished sae_train checkpoint under {run.dir.parent}")
         run, checkpoint = found
         print(f"resuming {run.dir} at step {checkpoint['step']}")
+    world = init_distributed()
+    device = world.device(resolve_device(cfg.model.device))
     model, tokenizer = load_model(cfg.model)
-    device = resolve_device(cfg.model.device)
     n_layers = len(find_layers(model))
     layers = sorted({normalize_layer(l, n_layers) for l in cfg.layers})
     heldout_ids, _ = token_batches(tokenizer, cfg.data)
@@ -333,9 +357,22 @@ def run_sae_train(cfg: SAETrainRunConfig, run: Run) -> dict:
         if source.d_in != hidden_size(model):
             raise DataError(f"store d_model {source.d_in} != model hidden size {hidden_size(model)}")
     _check_shape(cfg, source.d_in)
-    saes = train_saes(source, cfg, run, checkpoint, device=device)
+    saes = train_saes(source, cfg, run, checkpoint, device=device, world=world)
+    if world.enabled and cfg.distributed == "layers":  # rank 0 evaluates and saves every rank's SAEs
+        parts = world.all_gather_object({l: (s.cfg, {k: v.cpu() for k, v in s.state_dict().items()},
+                                             getattr(s, "metadata_extra", {})) for l, s in saes.items()})
+        saes = {}
+        for part in parts:
+            for l, (scfg, state, extra) in part.items():
+                saes[l] = SparseAutoencoder.from_config(scfg).to(device)
+                saes[l].load_state_dict(state)
+                saes[l].metadata_extra = extra
+    if not world.is_main:
+        world.barrier()
+        return {}
     report = evaluate_and_save(cfg, run, model, tokenizer, saes, heldout_ids, source.stats)
     run.path(CHECKPOINT).unlink(missing_ok=True)
+    world.barrier()
     return report
 
 
