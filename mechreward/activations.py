@@ -218,17 +218,27 @@ class StoreManifest:
 
 
 def harvest_to_store(source: LiveSource, batches_per_shard: int, directory: str | Path, total_tokens: int,
-                     manifest: StoreManifest, token_ids: bool = False, progress=None) -> StoreManifest:
+                     manifest: StoreManifest, token_ids: bool = False, progress=None, world=None) -> StoreManifest:
     """Write `source`'s unshuffled activations as safetensors shards; resumes a partial store.
 
     Each shard holds exactly `batches_per_shard` model batches, so the data position of a
     partial store is derivable from its manifest: a rerun skips what is written and neither
     duplicates nor loses a shard.
+
+    Under several ranks (`world`, a `mechreward.distributed.World`) rank r writes shards
+    n + r, n + r + W, ... (n = shards already listed) from its own model batches; after each
+    round the ranks exchange their shard entries and rank 0 writes the one manifest, which only
+    ever lists a gap-free prefix of shards. The store is the one a single process writes.
     """
     from safetensors.torch import save_file  # noqa: F401  (imported for a clear ImportError early)
 
+    from .distributed import World
+
+    world = world or World()
+    rank, ranks = world.rank, world.world_size
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    world.barrier()  # every rank sees the same manifest
     if (directory / MANIFEST).exists():
         old = StoreManifest.load(directory)
         for key in ("model", "layers", "d_model", "dtype", "context_length", "batches_per_shard", "source", "filters"):
@@ -236,30 +246,50 @@ def harvest_to_store(source: LiveSource, batches_per_shard: int, directory: str 
                 raise MismatchError(f"store {str(directory)!r} was written with {key}={getattr(old, key)!r}, "
                                     f"this run asks for {getattr(manifest, key)!r}")
         manifest = old
-        source.stats = TokenStats(manifest.stats)
+    source.stats = TokenStats(manifest.stats)
     dtype = getattr(torch, manifest.dtype)
     it = source.batches()
-    for _ in itertools.islice(it, len(manifest.shards) * batches_per_shard):
+    shard = len(manifest.shards) + rank  # this rank's next shard: model batches [shard·bps, (shard+1)·bps)
+    for _ in itertools.islice(it, shard * batches_per_shard):
         pass
     while manifest.tokens < total_tokens:
+        before = dict(source.stats)
         parts: dict[int, list[torch.Tensor]] = {l: [] for l in source.layers}
         for i, ids in enumerate(itertools.islice(it, batches_per_shard)):
             kept = filter_tokens(ids, source._forward(ids), source.filters, source.special_ids, source.stats,
-                                 batch_index=len(manifest.shards) * batches_per_shard + i)
+                                 batch_index=shard * batches_per_shard + i)
             for l, h in kept.items():
                 parts[l].append(h)
-        if not parts[source.layers[0]]:
-            break  # corpus exhausted
-        tensors = {f"layer_{l}": torch.cat(p).to(dtype) for l, p in parts.items()}
-        name = f"shard_{len(manifest.shards):05d}.safetensors"
-        io.save_safetensors(directory / name, tensors)
-        manifest.shards.append({"file": name, "tokens": int(tensors[f"layer_{source.layers[0]}"].shape[0])})
-        manifest.stats = dict(source.stats)
-        manifest.save(directory)
-        if progress is not None:
-            progress.update(manifest.shards[-1]["tokens"])
+        entry = None
+        if parts[source.layers[0]]:
+            tensors = {f"layer_{l}": torch.cat(p).to(dtype) for l, p in parts.items()}
+            name = f"shard_{shard:05d}.safetensors"
+            io.save_safetensors(directory / name, tensors)
+            entry = {"file": name, "tokens": int(tensors[f"layer_{source.layers[0]}"].shape[0])}
+        delta = {k: v - before.get(k, 0) for k, v in source.stats.items()}
+        round_ = world.all_gather_object((entry, delta))
+        used = 0
+        for e, d in round_:  # rank order = shard order, and stop where one process would have stopped
+            if e is None or manifest.tokens >= total_tokens:
+                break
+            manifest.shards.append(e)
+            manifest.stats = {k: manifest.stats.get(k, 0) + d.get(k, 0) for k in dict.fromkeys([*manifest.stats, *d])}
+            used += 1
+            if progress is not None:
+                progress.update(e["tokens"])
+        if entry is not None and rank >= used:  # written past the end: not part of the store
+            (directory / entry["file"]).unlink(missing_ok=True)
+        if world.is_main:
+            manifest.save(directory)
+        if used < ranks:
+            break  # corpus exhausted or enough tokens
+        for _ in itertools.islice(it, (ranks - 1) * batches_per_shard):  # the other ranks' batches
+            pass
+        shard += ranks
     manifest.complete = True
-    manifest.save(directory)
+    if world.is_main:
+        manifest.save(directory)
+    world.barrier()
     return manifest
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from .activations import FilterConfig, LiveSource, StoreManifest, harvest_to_store
 from .cli import hydra_command
 from .data import DataConfig, token_batches
+from .distributed import init as init_distributed
 from .errors import ConfigError
 from .models import ModelConfig, find_layers, hidden_size, load_model, normalize_layer, resolve_device
 from .run import Run, progress
@@ -44,20 +45,23 @@ def run_harvest(cfg: HarvestConfig, run: Run) -> dict:
         raise ConfigError(f"dtype={cfg.dtype!r}; expected float32, bfloat16 or float16")
     if cfg.tokens <= 0 or cfg.batches_per_shard <= 0:
         raise ConfigError(f"tokens ({cfg.tokens}) and batches_per_shard ({cfg.batches_per_shard}) must be positive")
+    world = init_distributed()  # under torchrun each rank writes its own shards of one store
     model, tokenizer = load_model(cfg.model)
     n = len(find_layers(model))
     layers = sorted({normalize_layer(l, n) for l in cfg.layers})
     token_batches(tokenizer, cfg.data)  # fail early on an empty corpus
     special = sorted({i for i in (tokenizer.bos_token_id, tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None})
     source = LiveSource(model, layers, lambda: token_batches(tokenizer, cfg.data)[1], cfg.filters, special,
-                        seed=cfg.seed, device=resolve_device(cfg.model.device))
+                        seed=cfg.seed, device=world.device(resolve_device(cfg.model.device)))
     store = Path(cfg.store_dir) if cfg.store_dir else run.dir / "store"
     manifest = StoreManifest(model=cfg.model.name_or_path, layers=layers, d_model=hidden_size(model), dtype=cfg.dtype,
                              context_length=cfg.data.context_length, batches_per_shard=cfg.batches_per_shard,
                              source=asdict(cfg.data), filters=asdict(cfg.filters))
     bar = progress(total=cfg.tokens, desc="harvest", unit="tok")
-    manifest = harvest_to_store(source, cfg.batches_per_shard, store, cfg.tokens, manifest, progress=bar)
+    manifest = harvest_to_store(source, cfg.batches_per_shard, store, cfg.tokens, manifest, progress=bar, world=world)
     bar.close()
+    if not world.is_main:
+        return {}
     report = {"store_dir": str(store), "model": manifest.model, "layers": layers, "tokens": manifest.tokens,
               "shards": len(manifest.shards), "dtype": cfg.dtype, "token_filter": manifest.stats,
               "complete": manifest.complete}
