@@ -1,5 +1,20 @@
-"""The built-in model organism: a tiny Qwen3 trained on multi-step arithmetic."""
+"""The built-in model organism: a tiny Qwen3 trained on multi-step arithmetic.
+
+`Qwen3ForCausalLM`, 6 decoder layers, d_model 128 (4 query / 2 KV heads of 32, MLP 384),
+tied embeddings, ~1.19M parameters, a 98-token character-level tokenizer (eos = pad =
+`<|endoftext|>`). It answers `"Q: 12+7-3=?\\nA:"` with a worked solution
+`" 12+7=19. 19-3=16. #### 16"` + eos (see `mechreward.tasks.arithmetic`), right on some held-out
+questions and wrong on others, so every command has both correct and wrong rollouts to work
+with offline on a CPU.
+
+- `python -m mechreward.organism.train` rebuilds the weights (deterministic: fixed seed, one
+  thread).
+- `python -m mechreward.organism` measures sampled and greedy accuracy on held-out questions.
+- `mechreward.models.load_model("organism")` loads it; so do the transformers Auto classes
+  on `ORGANISM_DIR`.
+"""
 
 from pathlib import Path
 
 ORGANISM_DIR = Path(__file__).resolve().parent / "weights"
+"""Directory with config.json, model.safetensors and the tokenizer files."""

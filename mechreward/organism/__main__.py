@@ -28,7 +28,7 @@ class OrganismEvalConfig:
     """Held-out (eval-split) arithmetic questions."""
     question_seed: int = 0
     """Seed of the question generator (which eval questions)."""
-    samples_per_question: int = 8
+    samples_per_question: int = 4
     """Sampled completions per question for the sampled accuracy."""
     temperature: float = 1.0
     """Sampling temperature."""

@@ -43,7 +43,7 @@ class TrainConfig:
     """Seeds model init and the training-data stream."""
     threads: int = 1
     """torch intra-op threads (fixed, for reproducibility; one thread also degrades least on a busy CPU)."""
-    steps: int = 2400
+    steps: int = 1400
     """Optimizer steps."""
     batch_size: int = 32
     """Sequences per step."""
@@ -61,7 +61,7 @@ class TrainConfig:
     max_positions: int = 256
     log_every: int = 100
     """Print the training loss every this many steps."""
-    eval_every: int = 400
+    eval_every: int = 700
     """Print greedy accuracy on 100 held-out questions every this many steps (0 = never)."""
 
 
