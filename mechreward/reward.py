@@ -292,6 +292,8 @@ def normalise_rewards(rewards: torch.Tensor, num_generations: int, scale: str = 
 
     Rows of a group are consecutive (TRL's layout). A group whose rewards tie gives 0; NaN stays NaN.
     """
+    if isinstance(scale, bool):  # TRL accepts True/False for "group"/"none"
+        scale = "group" if scale else "none"
     if scale not in SCALES:
         raise ConfigError(f"unknown scale {scale!r}; expected one of {SCALES}")
     B, K = rewards.shape
