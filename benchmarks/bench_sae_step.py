@@ -7,6 +7,13 @@ clip where the trainer clips, Adam, dead-latent bookkeeping). Prints the median 
     python benchmarks/bench_sae_step.py                      # CPU shape: 512 x 8192, k 32, batch 4096
     python benchmarks/bench_sae_step.py --device cuda        # GPU shape: 2048 x 32768, k 128
     python benchmarks/bench_sae_step.py --dead-fraction 0.5  # half the latents dead: AuxK on everywhere
+    python benchmarks/bench_sae_step.py --device cuda --d-sae 131072 --k 100   # Qwen-Scope's widest
+
+Also reported: peak device memory of each library's step (CUDA: torch.cuda.max_memory_allocated;
+CPU: not tracked), and the fraction of the encoder-matmul bound reached. The bound is the
+tokens/s if a step cost nothing but the encoder forward matmul (2·d_in·d_sae FLOPs per token,
+unavoidable: top-k needs every pre-activation), at the matmul rate measured in the same run
+on a [batch, d_in] @ [d_in, d_sae] product in the step's precision.
 """
 
 from __future__ import annotations
@@ -26,6 +33,23 @@ import torch  # noqa: E402
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def matmul_rate(a) -> float:
+    """FLOP/s of the encoder-shaped matmul in the step's precision (median of a few runs)."""
+    dt = torch.bfloat16 if a.bf16 and a.device.type == "cuda" else torch.float32
+    x = torch.randn(a.batch, a.d_in, device=a.device, dtype=dt)
+    w = torch.randn(a.d_in, a.d_sae, device=a.device, dtype=dt)
+    for _ in range(2):
+        x @ w
+    ts = []
+    for _ in range(5):
+        sync(a.device)
+        t0 = time.perf_counter()
+        x @ w
+        sync(a.device)
+        ts.append(time.perf_counter() - t0)
+    return 2 * a.batch * a.d_in * a.d_sae / statistics.median(ts)
 
 
 def bench_mechreward(a, x, dead):
@@ -141,12 +165,18 @@ def main():
         dead = torch.randperm(a.d_sae, device=a.device)[: int(a.dead_fraction * a.d_sae)]
 
     libs = a.libs.split(",")
-    steps = {}
+    steps, peak = {}, {}
     for name in libs:
+        if a.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(a.device)
+            base = torch.cuda.memory_allocated(a.device)
         steps[name] = LIBS[name](a, x, dead)
         for _ in range(a.warmup):
             steps[name]()
         sync(a.device)
+        if a.device.type == "cuda":  # weights, grads, Adam state and the step's activations
+            peak[name] = (torch.cuda.max_memory_allocated(a.device) - base) / 2**30
+    rate = matmul_rate(a)
     times = {name: [] for name in libs}
     for _ in range(a.rounds):  # interleave so background load hits every library alike
         for name in libs:
@@ -164,10 +194,13 @@ def main():
           f"steps={a.rounds}x{a.steps} torch={torch.__version__} sparsify={md.version('eai-sparsify')} "
           f"sae-lens={md.version('sae-lens')}")
     med = {n: statistics.median(t) for n, t in times.items()}
+    bound = rate / (2 * a.d_in * a.d_sae)  # tokens/s if the step were only the encoder matmul
+    print(f"encoder matmul: {rate / 1e12:.2f} TFLOP/s measured -> bound {bound:.0f} tokens/s")
     for n in libs:
         t = sorted(times[n])
+        mem = f"  peak {peak[n]:6.2f} GiB" if n in peak else ""
         print(f"{n:11s} median {med[n] * 1e3:8.1f} ms/step  (min {t[0] * 1e3:7.1f}, max {t[-1] * 1e3:7.1f})  "
-              f"{a.batch / med[n]:10.0f} tokens/s")
+              f"{a.batch / med[n]:10.0f} tokens/s  {a.batch / med[n] / bound:6.1%} of bound{mem}")
     if "mechreward" in med:
         for n in libs:
             if n != "mechreward":

@@ -173,5 +173,24 @@ def test_two_rank_harvest_writes_the_store_one_process_writes(launched, tmp_path
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_grpo_runs_two_steps_data_parallel_over_two_processes(tmp_path):
+    """GRPO (mechreward.rl, outcome reward) under torchrun; accelerate inside TRL joins the group.
+    (`accelerate launch` on CPU needs mpirun; on GPUs use it with conf/accelerate/*.yaml.)"""
+    import json
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "mechreward.rl",
+           "reward=none", "task.n=8", "eval_task.n=2", "eval_every=0", "lora.r=4", "grpo.max_steps=2",
+           "grpo.per_device_train_batch_size=2", "grpo.num_generations=2", "grpo.max_completion_length=4",
+           "grpo.save_steps=2", f"hydra.run.dir={tmp_path / 'run'}", f"output_dir={tmp_path / 'ckpt'}"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400, cwd=HERE.parent.parent)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    ckpt = tmp_path / "ckpt" / "checkpoint-2"
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    # one prompt (x2 generations) per process per step: 2 prompts of 8 per step -> epoch 0.5 after 2 steps
+    assert state["global_step"] == 2 and state["epoch"] == pytest.approx(0.5)
+    assert (ckpt / "rng_state_0.pth").exists() and (ckpt / "rng_state_1.pth").exists()
+
+
 if __name__ == "__main__":
     _worker(sys.argv[1], Path(sys.argv[2]))
