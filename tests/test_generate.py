@@ -59,7 +59,7 @@ def test_logprobs_match_a_teacher_forced_forward_over_the_exact_ids(organism, pr
 
 def test_logprobs_are_untempered(organism, prompts):
     model, tok = organism
-    hot = sample(model, tok, prompts[:2], n=2, batch_size=4, seed=2, temperature=2.0)
+    hot = sample(model, tok, prompts[:2], n=2, batch_size=4, seed=2, temperature=2.0, max_new_tokens=24)
     for s in hot:
         ids = torch.tensor([s.prompt_ids + s.completion_ids])
         with torch.no_grad():
@@ -79,9 +79,9 @@ def test_batched_greedy_equals_unbatched_greedy(organism, prompts):
 
 def test_sampling_is_deterministic_for_a_seed(organism, prompts):
     model, tok = organism
-    a = sample(model, tok, prompts, n=4, seed=11, batch_size=8)
-    b = sample(model, tok, prompts, n=4, seed=11, batch_size=8)
-    c = sample(model, tok, prompts, n=4, seed=12, batch_size=8)
+    a = sample(model, tok, prompts, n=2, seed=11, batch_size=8, max_new_tokens=32)
+    b = sample(model, tok, prompts, n=2, seed=11, batch_size=8, max_new_tokens=32)
+    c = sample(model, tok, prompts, n=2, seed=12, batch_size=8, max_new_tokens=32)
     assert [s.completion_ids for s in a] == [s.completion_ids for s in b]
     assert [s.completion_ids for s in a] != [s.completion_ids for s in c]
 
