@@ -2,9 +2,9 @@
 
 With no arguments: the organism with its G1 pack (the latest `runs/g1/*/feature_pack.json` of
 the organism, or a G1 run made now into `<run dir>/g1`), arithmetic train questions for RL and
-held-out eval questions not used by G1, 3 seeds, on a CPU in minutes. The organism defaults
-(steps, lr) are scaled so the run fits ≤ 15 minutes on 2 CPU cores; the published settings are
-`+recipe=g2_published`-style overrides of the `protocol:` node (30 steps, 2×2, lr 3e-6).
+held-out eval questions not used by G1, 3 seeds, on a CPU in ≤ 15 minutes. conf/g2.yaml holds
+the organism's settings (see its comments for which differ from the published ones: 30 steps,
+2 questions × 2 rollouts, LoRA r=32/α=64, λ=0.1, β=0.05, lr 1e-6…3e-6, 50–100 held-out questions).
 `pack=<file>` picks a pack; the SAE is the pack's (`sae_path=` to relocate it).
 Protocol, statistics and verdict: `mechreward.gates.g2`.
 """
