@@ -47,6 +47,36 @@ def _eos_ids(model, tokenizer) -> set[int]:
     return ids
 
 
+class _ChosenLogprobs:
+    """A logits processor that records the raw log-prob of each sampled token.
+
+    It runs before temperature/top-p (transformers applies user processors before the
+    sampling warpers) and keeps only the last step's [batch, vocab] log-softmax: the token
+    chosen at step t is read from `input_ids` at step t + 1 (and from the final sequences for
+    the last step), so memory stays O(batch · vocab) instead of O(steps · batch · vocab).
+    """
+
+    def __init__(self) -> None:
+        self.prev: torch.Tensor | None = None  # [batch, vocab] log-softmax of the last step
+        self.steps: list[torch.Tensor] = []  # per step: [batch] log-prob of the chosen token
+
+    def _take(self, chosen: torch.Tensor) -> None:
+        self.steps.append(self.prev.gather(-1, chosen.unsqueeze(-1)).squeeze(-1).cpu())
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.prev is not None:
+            self._take(input_ids[:, -1])
+        self.prev = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def finish(self, new_tokens: torch.Tensor) -> torch.Tensor:
+        """[batch, steps] log-probs of `new_tokens` [batch, steps]."""
+        if self.prev is not None and len(self.steps) < new_tokens.shape[1]:
+            self._take(new_tokens[:, len(self.steps)].to(self.prev.device))
+        self.prev = None
+        return torch.stack(self.steps, dim=1) if self.steps else torch.zeros(new_tokens.shape[0], 0)
+
+
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """`input_ids`, `attention_mask` [batch, max_len], rows right-aligned (left padding)."""
     width = max(len(r) for r in rows)
@@ -101,12 +131,12 @@ def sample(model, tokenizer, prompts: Sequence[str] | Sequence[Sequence[int]], n
         kwargs = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=float(temperature),
                                                            top_p=float(top_p), top_k=0)
         torch.manual_seed(seed + b)
+        recorder = _ChosenLogprobs()
         gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                             eos_token_id=sorted(eos), pad_token_id=pad_id, output_logits=True,
+                             eos_token_id=sorted(eos), pad_token_id=pad_id, logits_processor=[recorder],
                              return_dict_in_generate=True, min_new_tokens=0, **kwargs)
         new = gen.sequences[:, ids.shape[1]:].cpu()  # [batch, steps]
-        logits = torch.stack(gen.logits, dim=1).float().cpu()  # [batch, steps, vocab] raw
-        lp = torch.log_softmax(logits, dim=-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
+        lp = recorder.finish(new)  # [batch, steps] raw log-probs of the sampled tokens
         for row, (i, j) in enumerate(chunk):
             toks = new[row].tolist()
             # generate pads finished rows after their first EOS; cut there.

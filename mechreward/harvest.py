@@ -27,7 +27,7 @@ class HarvestConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     filters: FilterConfig = field(default_factory=FilterConfig)
-    layers: list[int] = field(default_factory=lambda: [3])
+    layers: list[int] = field(default_factory=lambda: [2])
     """Decoder layers whose outputs are stored (one forward, early exit after the deepest)."""
     tokens: int = 500_000
     """Stop once the store holds at least this many (kept) tokens."""

@@ -56,7 +56,7 @@ class SAETrainRunConfig:
     filters: FilterConfig = field(default_factory=FilterConfig)
     sae: SAEShape = field(default_factory=SAEShape)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    layers: list[int] = field(default_factory=lambda: [3])
+    layers: list[int] = field(default_factory=lambda: [2])
     """Decoder layers (0-based, negative allowed) whose outputs get an SAE each."""
     tokens: int = 800_000
     """Training tokens per SAE."""
