@@ -1,0 +1,385 @@
+"""`python -m mechreward.demo`: the whole method end to end on the built-in organism, offline, on a CPU.
+
+Stages (each a real command run into its own run dir):
+
+    sae_train   train a TopK SAE on the organism's residual stream at `layer`
+    layermap    S4-L0: which layer separates correct from wrong responses (reported next to `layer`)
+    rollouts    sample and grade one response per question, SAE codes on the exact sampled ids
+    probe       contrastive feature pack on the discovery questions of G1's split
+    g1          the correlation gate on the held-out validation questions
+    features    feature characterisation + the static feature browser (pack features marked)
+    g2          a short three-arm RL sanity run (R0 outcome, R1 + SAE pack, R2 + direction)
+
+and one report in the demo's run dir: `report.md` + `report.html` (plots and verdicts, a link
+to every stage's run dir) + `report.json`.
+
+Caching: a stage's run dir is `<cache_dir>/<stage>-<hash>`, the hash taken over the stage's
+full config (which names the directories of the stages it reads, so a change upstream
+re-runs everything downstream) and a fingerprint of the model's files. A stage whose dir holds
+a completion marker for that hash is reused, so a rerun is cheap. A failing stage stops the
+chain with its error (exit status 2) and leaves the earlier stages' results in place; its own
+incomplete dir is cleared and redone on the next run.
+
+Sizes are scaled to fit about 15 minutes on 2 contended CPU cores (see conf/demo.yaml).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import json
+import os
+import shutil
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from . import io
+from .cli import hydra_command
+from .errors import ConfigError, MechrewardError
+from .models import ModelConfig, resolve_model_path
+from .run import Run, markdown_table
+from .sae_train import SAEShape
+from .tasks import TaskConfig
+
+STAGES = ("sae_train", "layermap", "rollouts", "probe", "g1", "features", "g2")
+DONE = ".stage-done.json"
+
+
+@dataclass
+class DemoConfig:
+    """Config of `python -m mechreward.demo` (conf/demo.yaml)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    """Questions for the layer map, rollouts and G1 (arithmetic eval split)."""
+    layer: int = 3
+    """SAE layer (the organism's default; the layer map's recommendation is reported next to it)."""
+    sae: SAEShape = field(default_factory=lambda: SAEShape(d_sae=1024, k=16))
+    sae_tokens: int = 120_000
+    sae_batch_size: int = 1024
+    layermap_questions: int = 120
+    rollout_questions: int = 320
+    n_discovery: int = 120
+    """G1 discovery questions (the probe's pack is built on them); the rest are validation."""
+    n_random_packs: int = 200
+    n_boot: int = 500
+    n_perm: int = 2000
+    feature_tokens: int = 30_000
+    g2: dict = field(default_factory=lambda: {"steps": 6, "seeds": [0], "n_eval": 40})
+    """Overrides of `mechreward.gates.g2.G2Protocol` (a short G2: one seed, few steps)."""
+    stages: list[str] = field(default_factory=lambda: list(STAGES))
+    """Stages to run, in chain order; a stage needs the ones before it (they are run or reused)."""
+    cache_dir: str = "runs/demo/stages"
+    """Where stage run dirs live, keyed by their config hash (reused across demo runs)."""
+    seed: int = 0
+
+
+# --------------------------------------------------------------------------- caching
+
+def model_fingerprint(name_or_path: str) -> dict:
+    """Identity of the model's files: name, and size + sha256 of small files / size + mtime of large ones."""
+    path = Path(resolve_model_path(name_or_path))
+    out: dict[str, Any] = {"name": name_or_path}
+    if path.is_dir():
+        for p in sorted(path.iterdir()):
+            if p.is_file():
+                st = p.stat()
+                if st.st_size <= 64 << 20:
+                    out[p.name] = hashlib.sha256(p.read_bytes()).hexdigest()[:16]
+                else:
+                    out[p.name] = f"{st.st_size}:{int(st.st_mtime)}"
+    return out
+
+
+def config_hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+@dataclass
+class StageResult:
+    name: str
+    dir: Path
+    report: dict
+    seconds: float
+    reused: bool
+
+
+class Chain:
+    """Runs stages into hash-keyed dirs under `root`, reusing completed ones."""
+
+    def __init__(self, root: Path, fingerprint: dict):
+        self.root, self.fingerprint = root, fingerprint
+        self.results: dict[str, StageResult] = {}
+        self.current: tuple[str, Path] | None = None
+        """The stage being run (name, dir), for the failure report."""
+
+    def stage(self, name: str, config: dict, fn: Callable[[Run], dict]) -> StageResult:
+        key = config_hash({"stage": name, "config": config, "model": self.fingerprint})
+        d = (self.root / f"{name}-{key}").resolve()
+        marker = d / DONE
+        if marker.exists() and (d / "report.json").exists():
+            done = json.loads(marker.read_text())
+            res = StageResult(name, d, json.loads((d / "report.json").read_text()), done["seconds"], True)
+            print(f"demo: {name}: reusing {d} (config hash {key})", file=sys.stderr)
+        else:
+            if d.exists():  # an earlier attempt that did not finish: start it clean
+                shutil.rmtree(d)
+            self.current = (name, d)
+            run = Run(d, name)
+            run.save_config(config)
+            print(f"demo: {name}: running into {d}", file=sys.stderr)
+            t0 = time.time()
+            report = fn(run)
+            seconds = round(time.time() - t0, 1)
+            io.write_json(marker, {"hash": key, "seconds": seconds, "stage": name})
+            res = StageResult(name, d, report, seconds, False)
+            self.current = None
+        self.results[name] = res
+        return res
+
+
+# --------------------------------------------------------------------------- stages
+
+def _sae_cfg(cfg: DemoConfig):
+    from .sae_train import SAETrainRunConfig
+
+    return SAETrainRunConfig(model=cfg.model, layers=[cfg.layer], sae=SAEShape(**asdict(cfg.sae)), tokens=cfg.sae_tokens,
+                             batch_size=cfg.sae_batch_size, checkpoint_every=0, name="sae", seed=cfg.seed)
+
+
+def run_chain(cfg: DemoConfig, run: Run, chain: Chain) -> None:
+    """Run (or reuse) every requested stage in order; raises the first stage's error."""
+    from .g1 import G1Config, run_g1
+    from .gates.g1 import split_questions
+    from .layermap import LayermapConfig, run_layermap
+    from .probe import ProbeConfig, run_probe
+    from .rollouts import RolloutsConfig, RolloutSet, SAERef, SamplingConfig, run_rollouts
+    from .sae_train import run_sae_train
+
+    wanted = [s for s in STAGES if s in cfg.stages]
+    unknown = sorted(set(cfg.stages) - set(STAGES))
+    if unknown:
+        raise ConfigError(f"unknown demo stages {unknown}; expected a subset of {list(STAGES)}")
+    last = STAGES.index(wanted[-1]) if wanted else -1
+
+    def need(name: str) -> bool:
+        return STAGES.index(name) <= last
+
+    # 1. SAE
+    scfg = _sae_cfg(cfg)
+    conf = {k: v for k, v in asdict(scfg).items() if k not in ("output_dir",)}
+
+    def do_sae(r: Run) -> dict:
+        scfg.output_dir = str(r.dir)
+        return run_sae_train(scfg, r)
+
+    sae_stage = chain.stage("sae_train", conf, do_sae)
+    sae_path = str(sae_stage.dir / "sae")
+    if not need("layermap"):
+        return
+    # 2. layer map (greedy, every layer)
+    task_lm = TaskConfig(**{**asdict(cfg.task), "n": cfg.layermap_questions})
+    lcfg = LayermapConfig(model=cfg.model, task=task_lm, seed=cfg.seed,
+                          sampling=SamplingConfig(greedy=True, max_new_tokens=64))
+    chain.stage("layermap", asdict(lcfg), lambda r: run_layermap(lcfg, r))
+    if not need("rollouts"):
+        return
+    # 3. rollouts with the SAE's codes
+    task_r = TaskConfig(**{**asdict(cfg.task), "n": cfg.rollout_questions})
+    rcfg = RolloutsConfig(model=cfg.model, task=task_r, sampling=SamplingConfig(n=1, max_new_tokens=64),
+                          sae=SAERef(sae_path), store_token_codes=False, seed=cfg.seed)
+
+    def do_rollouts(r: Run) -> dict:
+        rcfg.output = str(r.path("rollouts"))
+        return run_rollouts(rcfg, r)
+
+    roll = chain.stage("rollouts", {**asdict(rcfg), "output": None}, do_rollouts)
+    roll_dir = str(roll.dir / "rollouts")
+    if not need("probe"):
+        return
+    # 4. probe on G1's discovery questions (the same split G1 draws)
+    def do_probe(r: Run) -> dict:
+        rs = RolloutSet(roll_dir)
+        disc, _ = split_questions(rs.question_ids.tolist(), cfg.n_discovery, None, cfg.seed)
+        return run_probe(ProbeConfig(rollouts=roll_dir, questions=sorted(disc), seed=cfg.seed), r)
+
+    chain.stage("probe", {**asdict(ProbeConfig(rollouts=roll_dir, seed=cfg.seed)), "discovery": "g1 split",
+                          "n_discovery": cfg.n_discovery}, do_probe)
+    if not need("g1"):
+        return
+    # 5. G1 on the held-out validation questions
+    gcfg = G1Config(model=cfg.model, task=task_r, sae=SAERef(sae_path), rollouts=roll_dir, n_discovery=cfg.n_discovery,
+                    n_validation=None, n_random_packs=cfg.n_random_packs, n_boot=cfg.n_boot, n_perm=cfg.n_perm,
+                    seed=cfg.seed)
+    g1 = chain.stage("g1", asdict(gcfg), lambda r: run_g1(gcfg, r))
+    pack_path = str(g1.dir / "feature_pack.json")
+    if not need("features"):
+        return
+    # 6. feature characterisation and browser
+    from .data import DataConfig
+    from .features import FeaturesConfig, characterize
+
+    fcfg = FeaturesConfig(model=cfg.model, data=DataConfig(seed=cfg.seed), sae=SAERef(sae_path),
+                          tokens=cfg.feature_tokens, rollouts=roll_dir, pack=pack_path, g1_run=str(g1.dir),
+                          seed=cfg.seed)
+    chain.stage("features", asdict(fcfg), lambda r: characterize(fcfg, r))
+    if not need("g2"):
+        return
+    # 7. a short G2
+    from .g2 import G2Config, run_g2
+    from .gates.g2 import G2Protocol
+
+    proto = G2Protocol(**{**asdict(G2Protocol()), **dict(cfg.g2)})
+    n_train = proto.steps * proto.questions_per_step
+    g2cfg = G2Config(model=cfg.model, pack=pack_path,
+                     task=TaskConfig(**{**asdict(cfg.task), "n": cfg.rollout_questions + proto.n_eval}),
+                     train_task=TaskConfig(name=cfg.task.name, split="train", n=n_train, seed=cfg.seed),
+                     protocol=proto, seed=cfg.seed)
+    chain.stage("g2", asdict(g2cfg), lambda r: run_g2(g2cfg, r))
+
+
+# --------------------------------------------------------------------------- the report
+
+PLOTS = {"sae_train": ["training_curve.png", "feature_density_L{layer}.png"], "layermap": ["layermap.png"],
+         "g1": ["score_by_outcome.png", "null_distribution.png"], "features": ["feature_density.png"]}
+
+
+def _f(v, fmt=".3f") -> str:
+    return "n/a" if v is None else format(v, fmt) if isinstance(v, (int, float)) else str(v)
+
+
+def stage_summary(name: str, rep: dict, cfg: DemoConfig) -> str:
+    """One line of results per stage, from its report.json."""
+    if name == "sae_train":
+        return (f"d_sae {rep['config']['d_sae']}, k {rep['config']['k']}, {rep['tokens']:,} tokens: variance explained "
+                f"{_f(rep.get('variance_explained'))}, L0 {_f(rep.get('l0'), '.1f')}, dead {_f(rep.get('dead_fraction'))}"
+                f", loss recovered {_f(rep.get('loss_recovered'))}")
+    if name == "layermap":
+        agree = "same as" if rep["recommended_layer"] == cfg.layer else "differs from"
+        return (f"peak L{rep['peak_layer']}, commit L{rep['commit_layer']}, recommended SAE layer "
+                f"L{rep['recommended_layer']} ({agree} the demo's SAE layer L{cfg.layer}); greedy accuracy "
+                f"{_f(rep['accuracy'])} on {rep['n_responses']} questions")
+    if name == "rollouts":
+        return f"{rep['n_rollouts']} rollouts, sampled accuracy {_f(rep['accuracy'])}, mean length {_f(rep['mean_length'], '.1f')}"
+    if name == "probe":
+        return (f"pack of {rep['n_features']} features from {rep['n_responses']} discovery responses "
+                f"({rep['n_correct']} correct); {rep['n_features_q_below_0_05']} features with BH q < 0.05")
+    if name == "g1":
+        return (f"**{rep['verdict']}**: Spearman ρ = {_f(rep['spearman_rho'], '.4f')} (p = {_f(rep['p_value'], '.3g')}), "
+                f"CI {[round(x, 3) for x in rep['ci95']]}, flags {rep['flags'] or 'none'}; length ρ "
+                f"{_f(rep['controls']['length_rho'])}, direction ρ {_f(rep['controls']['direction_rho'])}")
+    if name == "features":
+        c = rep["density_classes"]
+        return (f"{rep['tokens']:,} tokens: {c['healthy']} healthy, {c['rare']} rare, {c['dense']} dense, {c['dead']} "
+                f"dead features; browser `browser/index.html`")
+    if name == "g2":
+        p = rep.get("protocol", {})
+        return (f"short run ({p.get('steps')} steps, seeds {p.get('seeds')}, {rep.get('n_eval')} held-out questions: "
+                f"it exercises the three arms, it is not powered to decide) **{rep['verdict']}**: R1−R0 {_f(rep['delta_r1_r0']['mean'], '+.3f')}, R1−R2 "
+                f"{_f(rep['delta_r1_r2']['mean'], '+.3f')}, accuracy before {_f(rep['acc_before'])}, hacked "
+                f"{rep['hacked']}")
+    return ""
+
+
+def write_report(cfg: DemoConfig, run: Run, chain: Chain, failure: dict | None, total: float) -> dict:
+    rows, plots = [], []
+    (run.dir / "plots").mkdir(exist_ok=True)
+    for name in STAGES:
+        res = chain.results.get(name)
+        if res is None:
+            continue
+        rel = os.path.relpath(res.dir, run.dir)
+        rows.append({"stage": name, "status": "reused" if res.reused else "ran", "seconds": res.seconds,
+                     "run dir": rel, "result": stage_summary(name, res.report, cfg)})
+        for pat in PLOTS.get(name, []):
+            p = res.dir / pat.format(layer=cfg.layer)
+            if p.exists():
+                target = run.dir / "plots" / f"{name}_{p.name}"
+                shutil.copyfile(p, target)
+                plots.append((name, f"plots/{target.name}"))
+    if failure:
+        rows.append({"stage": failure["stage"], "status": "FAILED", "seconds": "", "run dir": failure["dir"],
+                     "result": failure["error"]})
+    verdicts = {k: chain.results[k].report.get("verdict") for k in ("g1", "g2") if k in chain.results}
+    report = {"stages": {r["stage"]: {k: v for k, v in r.items() if k != "stage"} for r in rows},
+              "verdicts": verdicts, "failed": failure, "seconds": round(total, 1),
+              "stage_seconds_if_run_now": round(sum(res.seconds for res in chain.results.values()), 1),
+              "model": cfg.model.name_or_path, "layer": cfg.layer,
+              "reports": {k: v.report for k, v in chain.results.items()}}
+    browser = chain.results.get("features")
+    bpath = os.path.relpath(browser.dir / "browser" / "index.html", run.dir) if browser else None
+    md = ["# mechreward demo: SAE features → validated reward, end to end", "",
+          f"model `{cfg.model.name_or_path}`, SAE layer {cfg.layer}, task `{cfg.task.name}`; total {total:.0f} s "
+          f"(all stages run from scratch: {report['stage_seconds_if_run_now']:.0f} s).", ""]
+    if failure:
+        md += [f"**Stopped: stage `{failure['stage']}` failed**: {failure['error']}", ""]
+    md += ["Verdicts: " + (", ".join(f"{k.upper()} **{v}**" for k, v in verdicts.items()) or "none yet"), ""]
+    if bpath:
+        md += [f"Feature browser (open from disk): [{bpath}]({bpath})", ""]
+    md += [markdown_table(rows, ["stage", "status", "seconds", "run dir", "result"]), ""]
+    md += [f"![{n}]({p})" for n, p in plots]
+    run.write_report(report, "\n".join(md) + "\n")
+    io.write_text(run.path("report.html"), _html(cfg, rows, plots, verdicts, failure, bpath, total))
+    return report
+
+
+def _html(cfg: DemoConfig, rows, plots, verdicts, failure, browser: str | None, total: float) -> str:
+    e = html.escape
+    trs = "".join(
+        f"<tr class='{e(str(r['status']).lower())}'><td>{e(r['stage'])}</td><td>{e(str(r['status']))}</td>"
+        f"<td>{e(str(r['seconds']))}</td><td><a href='{e(r['run dir'])}/report.md'>{e(r['run dir'])}</a></td>"
+        f"<td>{e(r['result']).replace('**', '')}</td></tr>" for r in rows)
+    figs = "".join(f"<figure><img src='{e(p)}' alt='{e(n)}'><figcaption>{e(n)}: {e(Path(p).name)}</figcaption></figure>"
+                   for n, p in plots)
+    v = " · ".join(f"{e(k.upper())}: <strong>{e(str(x))}</strong>" for k, x in verdicts.items()) or "none yet"
+    fail = f"<p class='fail'>Stopped: stage <code>{e(failure['stage'])}</code> failed: {e(failure['error'])}</p>" \
+        if failure else ""
+    link = f"<p><a href='{e(browser)}'>Open the feature browser</a></p>" if browser else ""
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>mechreward demo</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }}
+table {{ border-collapse: collapse; font-size: 0.9em; }} td, th {{ border: 1px solid #ddd; padding: 0.3em 0.6em; }}
+th {{ background: #eef1f5; }} tr.failed td {{ background: #fde8e6; }} tr.reused td:nth-child(2) {{ color: #666; }}
+figure {{ display: inline-block; margin: 0 1em 1em 0; vertical-align: top; }} img {{ max-width: 560px; }}
+figcaption {{ font-size: 0.8em; color: #555; }} .fail {{ color: #b3261e; font-weight: 600; }}
+</style></head><body>
+<h1>mechreward demo</h1>
+<p>model <code>{e(cfg.model.name_or_path)}</code>, SAE layer {cfg.layer}, task <code>{e(cfg.task.name)}</code>;
+total {total:.0f} s</p>
+{fail}<p>Verdicts: {v}</p>{link}
+<table><tr><th>stage</th><th>status</th><th>seconds</th><th>run dir</th><th>result</th></tr>{trs}</table>
+<h2>Plots</h2>{figs}
+</body></html>
+"""
+
+
+def run_demo(cfg: DemoConfig, run: Run) -> dict:
+    t0 = time.time()
+    chain = Chain(Path(cfg.cache_dir), model_fingerprint(cfg.model.name_or_path))
+    failure = None
+    try:
+        run_chain(cfg, run, chain)
+    except BaseException as e:
+        stage, d = chain.current or ("setup", None)
+        msg = str(e) if isinstance(e, MechrewardError) else f"{type(e).__name__}: {e}"
+        failure = {"stage": stage, "error": msg, "dir": os.path.relpath(d, run.dir) if d else ""}
+        write_report(cfg, run, chain, failure, time.time() - t0)
+        if isinstance(e, MechrewardError):
+            raise type(e)(f"stage {stage} failed: {e} (earlier stages kept; report in {run.dir})") from None
+        traceback.print_exc()
+        raise
+    report = write_report(cfg, run, chain, None, time.time() - t0)
+    print("demo: " + ", ".join(f"{k} {v}" for k, v in report["verdicts"].items()) +
+          f"; report {run.path('report.html')}", file=sys.stderr)
+    return report
+
+
+main = hydra_command("demo", DemoConfig, run_demo)
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""The end-to-end demo on the organism, at a tiny scale: every stage runs, the report links them,
+a rerun reuses them, and a failing stage stops the chain cleanly with earlier results kept.
+
+G2 (three GRPO arms) is left to its own tests and to the real `python -m mechreward.demo`.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mechreward.demo import DONE, STAGES, DemoConfig, run_demo
+from mechreward.errors import MechrewardError
+from mechreward.run import Run
+from mechreward.sae_train import SAEShape
+
+MODEL = "organism"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_demo(cache: Path, **kw) -> DemoConfig:
+    kw = {"n_discovery": 24, **kw}
+    cfg = DemoConfig(sae=SAEShape(d_sae=256, k=8), sae_tokens=8192, sae_batch_size=1024, layermap_questions=40,
+                     rollout_questions=60, n_random_packs=20, n_boot=50, n_perm=200,
+                     feature_tokens=1500, stages=[s for s in STAGES if s != "g2"], cache_dir=str(cache), **kw)
+    cfg.model.name_or_path = MODEL
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def demo_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    cfg = tiny_demo(root / "cache")
+    first = run_demo(cfg, Run(root / "first", "demo"))
+    second = run_demo(cfg, Run(root / "second", "demo"))
+    return root, first, second
+
+
+def test_demo_runs_every_stage_and_links_each_run_dir(demo_runs):
+    root, first, _ = demo_runs
+    wanted = [s for s in STAGES if s != "g2"]
+    assert list(first["stages"]) == wanted
+    assert all(first["stages"][s]["status"] == "ran" for s in wanted)
+    assert first["verdicts"]["g1"] in ("PASS-EXCELLENT", "PASS", "WEAK", "FAIL")
+    assert first["failed"] is None
+    html = (root / "first" / "report.html").read_text()
+    md = (root / "first" / "report.md").read_text()
+    for s in wanted:
+        rel = first["stages"][s]["run dir"]
+        stage_dir = (root / "first" / rel).resolve()
+        assert stage_dir.parent == (root / "cache").resolve() and stage_dir.name.startswith(s + "-")
+        assert (stage_dir / "report.json").exists() and (stage_dir / DONE).exists()
+        assert f"href='{rel}/report.md'" in html and rel in md
+    assert first["verdicts"]["g1"] in html
+    for png in ("layermap_layermap.png", "g1_score_by_outcome.png", "g1_null_distribution.png",
+                "features_feature_density.png"):
+        assert (root / "first" / "plots" / png).stat().st_size > 5000
+        assert f"plots/{png}" in html
+    browser = root / "first" / first["stages"]["features"]["run dir"] / "browser" / "index.html"
+    assert browser.exists()
+    # The probe stage's pack is built on G1's discovery split: the same features as G1's pack.
+    reports = first["reports"]
+    g1_pack = json.loads(Path(reports["g1"]["pack_path"]).read_text())
+    assert [f["index"] for f in reports["probe"]["features"]] == [f["index"] for f in g1_pack["features"]]
+    # The features stage marks exactly the G1 pack's features in the browser data.
+    rows = json.loads((browser.parent.parent / "features.json").read_text())["features"]
+    assert {r["index"] for r in rows if r["pack_role"]} == {f["index"] for f in g1_pack["features"]}
+
+
+def test_rerun_reuses_every_stage_with_identical_results(demo_runs):
+    _, first, second = demo_runs
+    assert all(v["status"] == "reused" for v in second["stages"].values())
+    assert second["reports"] == first["reports"]
+    assert second["seconds"] < 0.25 * first["seconds"]
+
+
+def test_failing_stage_stops_the_chain_and_keeps_earlier_results(demo_runs, tmp_path):
+    root, first, _ = demo_runs
+    cache = root / "cache"
+    # 58 of 60 questions for discovery leaves 2 for validation: G1's split refuses it, so the probe stage fails.
+    cfg = tiny_demo(cache, n_discovery=58)
+    with pytest.raises(MechrewardError, match="stage probe failed: .*G1 needs"):
+        run_demo(cfg, Run(tmp_path / "fail", "demo"))
+    rep = json.loads((tmp_path / "fail" / "report.json").read_text())
+    assert rep["failed"]["stage"] == "probe"
+    assert [s for s, v in rep["stages"].items() if v["status"] == "reused"] == ["sae_train", "layermap", "rollouts"]
+    assert "probe" in (tmp_path / "fail" / "report.html").read_text()
+    failed_dir = (tmp_path / "fail" / rep["failed"]["dir"]).resolve()
+    assert failed_dir.exists() and not (failed_dir / DONE).exists()
+    for s in ("sae_train", "layermap", "rollouts", "probe", "g1", "features"):  # the good run is untouched
+        assert ((root / "first" / first["stages"][s]["run dir"]) / DONE).exists()
+
+
+def test_demo_command_exits_non_zero_with_the_stage_error_and_no_traceback(demo_runs, tmp_path):
+    root, _, _ = demo_runs
+    env = {**os.environ, "CI": "true", "HF_HUB_OFFLINE": "1"}
+    overrides = ["sae.d_sae=256", "sae.k=8", "sae_tokens=8192", "sae_batch_size=1024", "layermap_questions=40",
+                 "rollout_questions=60", "n_discovery=58", "stages=[sae_train,layermap,rollouts,probe]",
+                 f"cache_dir={root / 'cache'}", f"hydra.run.dir={tmp_path / 'cli'}", f"model.name_or_path={MODEL}"]
+    p = subprocess.run([sys.executable, "-m", "mechreward.demo", *overrides], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "mechreward demo: error: stage probe failed" in p.stderr
+    assert "Traceback" not in p.stderr
+    assert "reusing" in p.stderr  # the first three stages came from the cache
