@@ -55,6 +55,35 @@ def _add_sae(sub: argparse._SubParsersAction) -> None:
 GROUPS: list[Callable[[argparse._SubParsersAction], None]] = [_add_sae]
 
 
+def _inspect(args: argparse.Namespace) -> int:
+    from .features import format_inspection, inspect_text
+    from .models import load_model, normalize_layer, num_layers
+    from .rollouts import layers_sae, load_sae_for
+
+    model, tokenizer = load_model(args.model)
+    sae = load_sae_for(args.sae, model)
+    n = num_layers(model)
+    layer = layers_sae(sae, n) if args.layer is None else normalize_layer(args.layer, n)
+    rows = inspect_text(model, tokenizer, sae, layer, args.text, args.top)
+    print(f"# {args.model} layer {layer}, SAE {sae.cfg.metadata.get('path')}: top {args.top} features per token "
+          "(feature:activation)")
+    print(format_inspection(rows))
+    return 0
+
+
+def _add_inspect(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("inspect", help="print the top SAE features of each token of a text")
+    p.add_argument("text", help="the text to encode")
+    p.add_argument("--sae", default="organism", help="SAE directory (any format) or `organism` (default)")
+    p.add_argument("--model", default="organism", help="model name or path (default: the built-in organism)")
+    p.add_argument("--layer", type=int, default=None, help="decoder layer to read (default: the SAE's recorded layer)")
+    p.add_argument("--top", type=int, default=5, help="features listed per token (default 5)")
+    p.set_defaults(func=_inspect)
+
+
+GROUPS.append(_add_inspect)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
