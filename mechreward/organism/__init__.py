@@ -18,3 +18,9 @@ from pathlib import Path
 
 ORGANISM_DIR = Path(__file__).resolve().parent / "weights"
 """Directory with config.json, model.safetensors and the tokenizer files."""
+
+ORGANISM_SAE_DIR = Path(__file__).resolve().parent / "sae"
+"""The organism's SAE (native / SAELens v6 layout): layer 2, TopK d_sae 2048, k 32, trained by
+`python -m mechreward.sae_train` with its defaults (800k tokens of the organism's text). Layer 2
+is the logit-lens commit layer of `python -m mechreward.layermap`; its top-10 |d| (16.7) is
+within 3% of the peak (layer 0, 17.2): the correctness signal is spread over layers 0-4."""

@@ -216,6 +216,9 @@ def _write_dir_atomically(path: Path, write: Callable[[Path], None]) -> None:
     """`write(tmp_dir)` then rename tmp_dir onto `path` (an existing `path` is replaced)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes 0700; give the folder the mode mkdir would
     old = None
     try:
         write(tmp)
