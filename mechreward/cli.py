@@ -42,11 +42,14 @@ def hydra_command(name: str, schema: type, fn: Callable[[Any, Run], Any]) -> Cal
         obj = OmegaConf.to_object(cfg)
         if hasattr(obj, "seed"):
             seed_everything(obj.seed)
+        from .distributed import shutdown
+
         try:
             fn(obj, run)
         except MechrewardError as e:
             print(f"mechreward {name}: error: {e}", file=sys.stderr)
             sys.exit(2)
+        shutdown()  # under torchrun: leave the process group together
         print(f"mechreward {name}: results in {run.dir}", file=sys.stderr)
 
     return _main

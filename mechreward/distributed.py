@@ -98,6 +98,17 @@ def init(backend: str | None = None) -> World:
     return World(dist.get_rank(), dist.get_world_size(), local)
 
 
+def shutdown() -> None:
+    """Leave the process group cleanly (a no-op without one).
+
+    Every rank waits for the others, then tears gloo/NCCL down before the interpreter exits;
+    a rank that exits while its peers still talk can abort in the backend's threads.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 class DataParallel:
     """The collectives one data-parallel SAE step needs (used by `SAETrainer`)."""
 

@@ -94,6 +94,7 @@ def _worker(mode: str, out: Path) -> None:
     if world.is_main:
         result["layers"] = {l: s for part in all_layers for l, s in part.items()}
         torch.save(result, out / f"{mode}.pt")
+    distributed.shutdown()
 
 
 def _harvest(directory: Path, world=None):
