@@ -56,8 +56,8 @@ class DemoConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     """Questions for the layer map, rollouts and G1 (arithmetic eval split)."""
-    layer: int = 3
-    """SAE layer (the organism's default; the layer map's recommendation is reported next to it)."""
+    layer: int = 2
+    """SAE layer (the organism's SAE layer, its commit layer; the layer map's recommendation is reported next to it)."""
     sae: SAEShape = field(default_factory=lambda: SAEShape(d_sae=1024, k=16))
     sae_tokens: int = 120_000
     sae_batch_size: int = 1024
