@@ -8,7 +8,7 @@ Stages (each a real command run into its own run dir):
     probe       contrastive feature pack on the discovery questions of G1's split
     g1          the correlation gate on the held-out validation questions
     features    feature characterisation + the static feature browser (pack features marked)
-    g2          a short three-arm RL sanity run (R0 outcome, R1 + SAE pack, R2 + direction)
+    g2          the three-arm RL sanity run (R0 outcome, R1 + SAE pack, R2 + direction)
 
 and one report in the demo's run dir: `report.md` + `report.html` (plots and verdicts, a link
 to every stage's run dir) + `report.json`.
@@ -69,8 +69,10 @@ class DemoConfig:
     n_boot: int = 500
     n_perm: int = 2000
     feature_tokens: int = 30_000
-    g2: dict = field(default_factory=lambda: {"steps": 6, "seeds": [0], "n_eval": 40})
-    """Overrides of `mechreward.gates.g2.G2Protocol` (a short G2: one seed, few steps)."""
+    g2: dict = field(default_factory=lambda: {"steps": 60, "questions_per_step": 4, "learning_rate": 1e-4,
+                                              "seeds": [0, 1, 2], "n_eval": 200})
+    """Overrides of `mechreward.gates.g2.G2Protocol`: the organism's G2 (as `conf/g2.yaml`: lr 1e-4,
+    60 steps of 4 questions x 2 rollouts, 3 seeds, 200 held-out questions; about 4 minutes)."""
     stages: list[str] = field(default_factory=lambda: list(STAGES))
     """Stages to run, in chain order; a stage needs the ones before it (they are run or reused)."""
     cache_dir: str = "runs/demo/stages"
@@ -229,7 +231,7 @@ def run_chain(cfg: DemoConfig, run: Run, chain: Chain) -> None:
     chain.stage("features", asdict(fcfg), lambda r: characterize(fcfg, r))
     if not need("g2"):
         return
-    # 7. a short G2
+    # 7. G2
     from .g2 import G2Config, run_g2
     from .gates.g2 import G2Protocol
 
@@ -278,10 +280,11 @@ def stage_summary(name: str, rep: dict, cfg: DemoConfig) -> str:
                 f"dead features; browser `browser/index.html`")
     if name == "g2":
         p = rep.get("protocol", {})
-        return (f"short run ({p.get('steps')} steps, seeds {p.get('seeds')}, {rep.get('n_eval')} held-out questions: "
-                f"it exercises the three arms, it is not powered to decide) **{rep['verdict']}**: R1−R0 {_f(rep['delta_r1_r0']['mean'], '+.3f')}, R1−R2 "
-                f"{_f(rep['delta_r1_r2']['mean'], '+.3f')}, accuracy before {_f(rep['acc_before'])}, hacked "
-                f"{rep['hacked']}")
+        d10, d12 = rep["delta_r1_r0"], rep["delta_r1_r2"]
+        return (f"{p.get('steps')} steps x {p.get('questions_per_step')} questions, lr {p.get('learning_rate')}, "
+                f"seeds {p.get('seeds')}, {rep.get('n_eval')} held-out questions: **{rep['verdict']}**: "
+                f"R1−R0 {_f(d10['mean'], '+.3f')} (CI {_f(d10['ci95'][0], '+.3f')}..{_f(d10['ci95'][1], '+.3f')}), "
+                f"R1−R2 {_f(d12['mean'], '+.3f')}, accuracy before {_f(rep['acc_before'])}, hacked {rep['hacked']}")
     return ""
 
 
