@@ -36,6 +36,7 @@ import torch
 from transformers import TrainerCallback
 from trl import GRPOTrainer
 
+from .run import show_progress
 from .errors import ConfigError
 from .models import ResidualCapture, unwrap
 from .reward import (CapturedBatch, HiddenStateReward, OutcomeReward, compose_advantages, dense_advantages,
@@ -109,6 +110,13 @@ class MechGRPOTrainer(GRPOTrainer):
                  beta_schedule: LinearSchedule | Sequence[float] | None = None,
                  composition: str = "normalize_then_weight", **kwargs: Any):
         super().__init__(*args, **kwargs)
+        if not show_progress():
+            # Not a terminal (or CI): no per-step dict printing; metrics still reach `log_history`
+            # and the run's own metrics.jsonl.
+            from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+            self.remove_callback(ProgressCallback)
+            self.remove_callback(PrinterCallback)
         if composition not in COMPOSITIONS:
             raise ConfigError(f"unknown composition {composition!r}; expected one of {COMPOSITIONS}")
         self.composition = composition
