@@ -334,15 +334,98 @@ class StoreSource(ActivationSource):
             block += 1
 
 
-def sae_batches(source: ActivationSource, batch_size: int, start: tuple[int, int] = (0, 0)
-                ) -> Iterator[tuple[tuple[int, int], dict[int, torch.Tensor]]]:
+def _stamped_blocks(source: ActivationSource, first_block: int):
+    """(block, acts, stats before it, stats after it) for each block of `source`."""
+    it = source.blocks(first_block)
+    while True:
+        before = TokenStats(source.stats)
+        try:
+            block, acts = next(it)
+        except StopIteration:
+            return
+        yield block, acts, before, TokenStats(source.stats)
+
+
+class _Prefetcher:
+    """Runs a block iterator one block ahead in a background thread.
+
+    The model forward of the next block overlaps the SAE steps on the current one (torch
+    releases the GIL inside its ops). On CUDA the producer enqueues its work on its own stream
+    and the consumer waits on that stream before touching a block. Blocks are computed exactly
+    as without prefetching, so results are identical; an error in the producer is re-raised in
+    the consumer.
+    """
+
+    _END = object()
+
+    def __init__(self, blocks: Iterator, device: torch.device | None = None):
+        import queue
+        import threading
+
+        self._q: "queue.Queue" = queue.Queue(maxsize=1)
+        self._stop = threading.Event()
+        self._stream = torch.cuda.Stream(device) if device is not None and device.type == "cuda" else None
+        self._thread = threading.Thread(target=self._produce, args=(blocks,), daemon=True)
+        self._thread.start()
+
+    def _produce(self, blocks: Iterator) -> None:
+        import contextlib
+
+        ctx = torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext()
+        try:
+            with ctx:
+                for item in blocks:
+                    event = None
+                    if self._stream is not None:
+                        event = torch.cuda.Event()
+                        event.record(self._stream)
+                    while not self._stop.is_set():
+                        try:
+                            self._q.put((item, event), timeout=0.1)
+                            break
+                        except Exception:  # queue.Full: the consumer is still busy
+                            continue
+                    if self._stop.is_set():
+                        return
+            self._q.put((self._END, None))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer thread
+            self._q.put((e, None))
+
+    def __iter__(self):
+        try:
+            while True:
+                item, event = self._q.get()
+                if item is self._END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                if event is not None:
+                    torch.cuda.current_stream().wait_event(event)
+                yield item
+        finally:
+            self._stop.set()
+
+
+def sae_batches(source: ActivationSource, batch_size: int, start: tuple[int, int] = (0, 0),
+                prefetch: bool = False) -> Iterator[tuple[tuple[int, int], dict[int, torch.Tensor]]]:
     """Training batches {layer: [batch_size, d]} with the data position *after* each batch.
 
     Tokens at the end of a block that do not fill a batch are dropped (counted in `stats`).
+    While a block is consumed, `source.checkpoint_stats` holds the token counts before it (what
+    a checkpoint saves: a resumed run recomputes this block) and `source.consumed_stats` the
+    counts through it (what a report shows). With `prefetch`, the next block is computed in a
+    background thread while this one trains.
     """
     first_block, offset = start
-    for block, acts in source.blocks(first_block):
+    blocks = _stamped_blocks(source, first_block)
+    if prefetch:
+        blocks = iter(_Prefetcher(blocks, getattr(source, "device", None)))
+    remainder = source.stats.get("remainder", 0)
+    for block, acts, before, after in blocks:
         n = acts[source.layers[0]].shape[0] // batch_size
-        source.stats["remainder"] = source.stats.get("remainder", 0) + acts[source.layers[0]].shape[0] - n * batch_size
+        before["remainder"] = remainder
+        remainder += acts[source.layers[0]].shape[0] - n * batch_size
+        after["remainder"] = remainder
+        source.checkpoint_stats, source.consumed_stats = before, after
         for j in range(offset if block == first_block else 0, n):
             yield (block, j + 1), {l: v[j * batch_size:(j + 1) * batch_size] for l, v in acts.items()}

@@ -66,6 +66,9 @@ class SAETrainRunConfig:
     """`live` (run the model) or the directory of an activation store (`mechreward.harvest`)."""
     batches_per_block: int = 16
     """Model batches mixed and shuffled together in one block (live source)."""
+    prefetch: bool = True
+    """Compute the next block (model forward, or store read) in a background thread while the
+    SAEs train on the current one; results are identical either way."""
     checkpoint_every: int = 500_000
     """Checkpoint every this many tokens (0 = only at the end)."""
     resume: bool = False
@@ -220,7 +223,7 @@ def train_saes(source: ActivationSource, cfg: SAETrainRunConfig, run: Run, check
     bar = progress(total=steps * cfg.batch_size, desc="sae_train", unit="tok")
     bar.update(step * cfg.batch_size)
     t0, step0 = time.time(), step
-    for position, batch in sae_batches(source, cfg.batch_size, position):
+    for position, batch in sae_batches(source, cfg.batch_size, position, prefetch=cfg.prefetch):
         if step >= steps:
             break
         outs = {}
@@ -239,7 +242,7 @@ def train_saes(source: ActivationSource, cfg: SAETrainRunConfig, run: Run, check
                 loggers.log(step, {"layer": layer, "tokens": step * cfg.batch_size, "tokens_per_second": rate, **row})
             bar.set_postfix(fvu=f"{float(next(iter(outs.values())).fvu):.3f}")
         if every and step % every == 0 and step < steps:
-            save_checkpoint(run, trainers, step, position, source.stats, cfg, world, gather=by_layer)
+            save_checkpoint(run, trainers, step, position, source.checkpoint_stats, cfg, world, gather=by_layer)
     bar.close()
     loggers.close()
     if step < steps and world.is_main:
@@ -370,7 +373,8 @@ def run_sae_train(cfg: SAETrainRunConfig, run: Run) -> dict:
     if not world.is_main:
         world.barrier()
         return {}
-    report = evaluate_and_save(cfg, run, model, tokenizer, saes, heldout_ids, source.stats)
+    report = evaluate_and_save(cfg, run, model, tokenizer, saes, heldout_ids,
+                               getattr(source, "consumed_stats", source.stats))
     run.path(CHECKPOINT).unlink(missing_ok=True)
     world.barrier()
     return report

@@ -190,3 +190,31 @@ def test_tensor_source_epochs_are_permutations():
     assert sorted(epoch[:, 0].tolist()) == x[:, 0].tolist()
     with pytest.raises(DataError, match="finite"):
         TensorSource(torch.tensor([[float("inf"), 0.0]]))
+
+
+def test_prefetch_yields_the_same_batches_positions_and_counts(corpus):
+    import itertools
+
+    plain_src, *_ = _live(corpus)
+    plain = list(itertools.islice(sae_batches(plain_src, 8, (0, 3)), 40))
+    plain_stats = (dict(plain_src.checkpoint_stats), dict(plain_src.consumed_stats))
+    pre_src, *_ = _live(corpus)
+    pre = list(itertools.islice(sae_batches(pre_src, 8, (0, 3), prefetch=True), 40))
+    assert [p for p, _ in pre] == [p for p, _ in plain]
+    for (_, a), (_, b) in zip(plain, pre):
+        assert all(torch.equal(a[l], b[l]) for l in a)
+    # what a checkpoint saves / a report shows is the consumed blocks, not the block prefetched ahead
+    assert (dict(pre_src.checkpoint_stats), dict(pre_src.consumed_stats)) == plain_stats
+    assert pre_src.consumed_stats["kept"] - pre_src.checkpoint_stats["kept"] > 0
+
+
+def test_prefetch_reraises_the_producers_error():
+    class Failing(TensorSource):
+        def blocks(self, start=0):
+            it = super().blocks(start)
+            yield next(it)
+            raise DataError("non-finite activations at layer 0 in model batch 9")
+
+    src = Failing(torch.randn(64, 4), block_tokens=32)
+    with pytest.raises(DataError, match="model batch 9"):
+        list(sae_batches(src, 16, prefetch=True))
