@@ -234,7 +234,13 @@ def test_batchtopk_keeps_k_per_token_on_average_and_thresholds_at_eval():
     sae.eval()
     ze = sae.encode_dense(x).detach()
     act = ((x * 0.7 - sae.b_dec) @ sae.W_enc + sae.b_enc).clamp_min(0).detach()
-    torch.testing.assert_close(ze, act * (act > kept_min))
+    # Away from the threshold the eval codes are exactly the thresholded activations. The latent
+    # that set the threshold sits on it: whether `act > threshold` holds there depends on the last
+    # ulp of a matmul computed by another path, so it may be kept or dropped, nothing else.
+    boundary = (act - kept_min).abs() < 1e-9
+    assert int(boundary.sum()) >= 1
+    torch.testing.assert_close(ze[~boundary], (act * (act > kept_min))[~boundary])
+    assert bool(torch.all((ze[boundary] == 0) | torch.isclose(ze[boundary], act[boundary], rtol=1e-12, atol=1e-12)))
     values, indices = sae.encode(x)  # padded to the widest token
     dense = torch.zeros_like(ze).scatter_add_(-1, indices, values.detach())
     torch.testing.assert_close(dense, ze)
