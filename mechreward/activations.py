@@ -230,8 +230,6 @@ def harvest_to_store(source: LiveSource, batches_per_shard: int, directory: str 
     round the ranks exchange their shard entries and rank 0 writes the one manifest, which only
     ever lists a gap-free prefix of shards. The store is the one a single process writes.
     """
-    from safetensors.torch import save_file  # noqa: F401  (imported for a clear ImportError early)
-
     from .distributed import World
 
     world = world or World()
@@ -403,7 +401,19 @@ class _Prefetcher:
                     torch.cuda.current_stream().wait_event(event)
                 yield item
         finally:
-            self._stop.set()
+            self.close()
+
+    def close(self) -> None:
+        """Stop the producer and wait for it: no forward of it runs after this returns."""
+        import queue
+
+        self._stop.set()
+        while self._thread.is_alive():
+            try:
+                self._q.get(timeout=0.05)  # unblock a producer waiting to put
+            except queue.Empty:
+                pass
+            self._thread.join(timeout=0.05)
 
 
 def sae_batches(source: ActivationSource, batch_size: int, start: tuple[int, int] = (0, 0),
@@ -418,14 +428,17 @@ def sae_batches(source: ActivationSource, batch_size: int, start: tuple[int, int
     """
     first_block, offset = start
     blocks = _stamped_blocks(source, first_block)
-    if prefetch:
-        blocks = iter(_Prefetcher(blocks, getattr(source, "device", None)))
+    prefetcher = _Prefetcher(blocks, getattr(source, "device", None)) if prefetch else None
     remainder = source.stats.get("remainder", 0)
-    for block, acts, before, after in blocks:
-        n = acts[source.layers[0]].shape[0] // batch_size
-        before["remainder"] = remainder
-        remainder += acts[source.layers[0]].shape[0] - n * batch_size
-        after["remainder"] = remainder
-        source.checkpoint_stats, source.consumed_stats = before, after
-        for j in range(offset if block == first_block else 0, n):
-            yield (block, j + 1), {l: v[j * batch_size:(j + 1) * batch_size] for l, v in acts.items()}
+    try:
+        for block, acts, before, after in (iter(prefetcher) if prefetcher is not None else blocks):
+            n = acts[source.layers[0]].shape[0] // batch_size
+            before["remainder"] = remainder
+            remainder += acts[source.layers[0]].shape[0] - n * batch_size
+            after["remainder"] = remainder
+            source.checkpoint_stats, source.consumed_stats = before, after
+            for j in range(offset if block == first_block else 0, n):
+                yield (block, j + 1), {l: v[j * batch_size:(j + 1) * batch_size] for l, v in acts.items()}
+    finally:
+        if prefetcher is not None:
+            prefetcher.close()  # closing this generator stops the producer before the caller goes on

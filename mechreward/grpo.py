@@ -27,7 +27,6 @@ TRL 1.16 methods overridden (a TRL upgrade that changes them is a visible change
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -36,9 +35,9 @@ import torch
 from transformers import TrainerCallback
 from trl import GRPOTrainer
 
-from .run import show_progress
 from .errors import ConfigError
-from .models import ResidualCapture, unwrap
+from .models import ResidualCapture
+from .run import show_progress
 from .reward import (CapturedBatch, HiddenStateReward, OutcomeReward, compose_advantages, dense_advantages,
                      token_group_stats)
 

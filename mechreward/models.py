@@ -8,6 +8,7 @@ final norm and is NOT the last layer's output.
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -269,6 +270,11 @@ class ResidualCapture:
     `early_exit`, the forward is stopped by an exception after the deepest hooked layer
     (no compute is spent above it); the context manager swallows it, so put the forward call
     last inside the `with` block, or use `run`.
+
+    Hooks are per module, not per thread: a capture acts only on forwards run by the thread that
+    entered it, so two threads may capture from one model at once (a prefetching producer and
+    the main thread, say). Forwards run in other threads (`nn.DataParallel` replicas) are not
+    captured.
     """
 
     def __init__(self, model: nn.Module, layers: int | Iterable[int],
@@ -288,6 +294,7 @@ class ResidualCapture:
         self.accumulate = accumulate
         self.outputs: dict[int, Any] = {}
         self._handles: list = []
+        self._owner: int | None = None
         self.enabled = True
         self.stopped_early = False
 
@@ -295,7 +302,7 @@ class ResidualCapture:
         deepest = self.layers[-1]
 
         def hook(module, args, output):
-            if not self.enabled:
+            if not self.enabled or threading.get_ident() != self._owner:
                 return None
             hidden = output[0] if isinstance(output, (tuple, list)) else output
             if self.detach:
@@ -315,6 +322,7 @@ class ResidualCapture:
     def __enter__(self) -> "ResidualCapture":
         self.outputs = {}
         self.stopped_early = False
+        self._owner = threading.get_ident()
         self._handles = [m.register_forward_hook(self._hook(l)) for l, m in self._modules.items()]
         return self
 

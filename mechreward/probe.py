@@ -21,7 +21,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
 
 import numpy as np
 import torch

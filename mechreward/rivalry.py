@@ -28,7 +28,6 @@ correlation distributions with their 5th percentiles).
 
 from __future__ import annotations
 
-import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field

@@ -19,7 +19,7 @@ import torch
 
 from . import io
 from .distributed import World, init as init_distributed, layers_for_rank
-from .activations import (ActivationSource, FilterConfig, LiveSource, StoreSource, TensorSource, TokenStats,
+from .activations import (ActivationSource, FilterConfig, LiveSource, StoreSource, TokenStats,
                           filter_tokens, sae_batches)
 from .cli import hydra_command
 from .data import DataConfig, token_batches
@@ -223,9 +223,8 @@ def train_saes(source: ActivationSource, cfg: SAETrainRunConfig, run: Run, check
     bar = progress(total=steps * cfg.batch_size, desc="sae_train", unit="tok")
     bar.update(step * cfg.batch_size)
     t0, step0 = time.time(), step
-    for position, batch in sae_batches(source, cfg.batch_size, position, prefetch=cfg.prefetch):
-        if step >= steps:
-            break
+    batches = sae_batches(source, cfg.batch_size, position, prefetch=cfg.prefetch)
+    for position, batch in batches:
         outs = {}
         for layer, trainer in trainers.items():
             x = batch[layer].to(device, torch.float32)
@@ -243,6 +242,9 @@ def train_saes(source: ActivationSource, cfg: SAETrainRunConfig, run: Run, check
             bar.set_postfix(fvu=f"{float(next(iter(outs.values())).fvu):.3f}")
         if every and step % every == 0 and step < steps:
             save_checkpoint(run, trainers, step, position, source.checkpoint_stats, cfg, world, gather=by_layer)
+        if step >= steps:
+            break
+    batches.close()  # stops (and waits for) a prefetching producer before the model is used again
     bar.close()
     loggers.close()
     if step < steps and world.is_main:

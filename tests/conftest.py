@@ -8,8 +8,10 @@ os.environ.setdefault("CI", "true")
 
 import torch  # noqa: E402
 
-# Under pytest-xdist each worker gets one thread so that workers do not oversubscribe the cores.
-torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, os.cpu_count() or 1)))
+# One intra-op thread per test process: the models and SAEs in tests are tiny, and on a
+# 2-core machine (with pytest-xdist workers beside) OpenMP spin-waiting makes multi-threaded
+# tiny ops far slower.
+torch.set_num_threads(1)
 
 
 import random  # noqa: E402
@@ -24,4 +26,7 @@ def _seeded():
     random.seed(0)
     np.random.seed(0)
     torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a test that changed it does not leak the change into the next
     yield
+    torch.set_num_threads(threads)

@@ -8,7 +8,6 @@ the test's tmp dir (its path is printed; run pytest with -s to see it).
 
 import itertools
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -17,7 +16,6 @@ import time
 
 import numpy as np
 import pytest
-import torch
 
 from mechreward.features import FeaturesConfig, characterize
 from mechreward.probe import FeaturePack
@@ -31,13 +29,6 @@ CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "
 websocket = pytest.importorskip("websocket", reason="the browser test needs `websocket-client` (pip install websocket-client)")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="the browser test needs Chromium (apt-get install chromium)")
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 class Page:

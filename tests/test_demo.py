@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from mechreward.demo import DONE, STAGES, DemoConfig, run_demo
 from mechreward.errors import MechrewardError
@@ -20,13 +19,6 @@ from mechreward.sae_train import SAEShape
 
 MODEL = "organism"
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny_demo(cache: Path, **kw) -> DemoConfig:

@@ -18,13 +18,6 @@ HERE = Path(__file__).resolve()
 D_IN, D_SAE, K, BATCH, N_TOKENS = 16, 64, 4, 64, 1024
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _data() -> torch.Tensor:
     g = torch.Generator().manual_seed(0)

@@ -17,13 +17,6 @@ from mechreward.sae.model import SAEConfig, SparseAutoencoder
 from tiny import tiny_model, tiny_tokenizer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _sparse_codes(g, B, T, F, p=0.15):
     z = torch.rand(B, T, F, generator=g) * (torch.rand(B, T, F, generator=g) < p)

@@ -11,10 +11,6 @@ from mechreward.gates.g2 import ARMS, G2Protocol, hacked, summarise, verdict
 from mechreward.stats import paired_bootstrap_ci
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
-
 
 @pytest.mark.parametrize("d10,d12,name", [(0.02, 0.05, "PASS-EXCELLENT"), (0.03, 0.049, "PASS-PARTIAL"),
                                           (0.019, 0.2, "FAIL"), (-0.1, -0.1, "FAIL"), (0.10, 0.08, "PASS-EXCELLENT")])

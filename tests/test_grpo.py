@@ -7,7 +7,6 @@ advantages are (B, T) and zero on padding, λ scales the mech term exactly, sche
 and training moves the weights.
 """
 
-import math
 
 import pytest
 import torch
@@ -26,10 +25,6 @@ from tests.tiny import save_tiny
 LAYER = 1
 PROMPTS = ["The quick brown", "lazy dog 12+7", "fox jumps over the", "#### 19 The"]
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
@@ -191,8 +186,6 @@ def test_doubling_lambda_doubles_the_mech_advantage_when_outcomes_tie(tmp_path, 
 
 
 def test_a_few_grpo_steps_change_the_lora_weights_and_follow_the_schedules(tmp_path, tiny_dir, sae_and_pack):
-    from trl import GRPOConfig  # noqa: F401
-
     trainer, _ = _trainer(tmp_path, tiny_dir, sae_and_pack, peft=True, beta=0.1, max_steps=2)
     trainer.mech_lambda = LinearSchedule(0.2, 0.0)
     trainer.beta_schedule = LinearSchedule(0.1, 0.0)

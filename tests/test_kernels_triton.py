@@ -19,13 +19,6 @@ from mechreward.sae import triton_kernels as tk  # noqa: E402
 from mechreward.sae.kernels import decode_dense, selected_preacts, sparse_decode  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def codes(N=24, k=5, d_in=40, d_sae=70, seed=0):
     g = torch.Generator().manual_seed(seed)

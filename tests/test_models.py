@@ -161,3 +161,19 @@ def test_load_model_local_dir_roundtrip(tmp_path):
         torch.testing.assert_close(model(input_ids=ids).logits, ref(input_ids=ids).logits)
     with pytest.raises(ModelError, match="float13"):
         load_model(str(tmp_path), dtype="float13")
+
+
+def test_a_capture_only_sees_forwards_of_the_thread_that_entered_it():
+    import threading
+
+    m = tiny_model("qwen3")
+    ids = _ids()
+    ref = ResidualCapture(m, [2], early_exit=False).run(input_ids=ids)[2]
+    outer = ResidualCapture(m, [1], early_exit=True)
+    result = {}
+    with outer:  # hooks of another thread's capture stay registered during the worker's forward
+        t = threading.Thread(target=lambda: result.update(ResidualCapture(m, [2]).run(input_ids=ids)))
+        t.start()
+        t.join()
+    assert outer.outputs == {} and not outer.stopped_early
+    torch.testing.assert_close(result[2], ref, rtol=0, atol=0)

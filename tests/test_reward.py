@@ -15,10 +15,6 @@ from mechreward.sae.formats import load_sae, save_sae
 from mechreward.tasks.arithmetic import ArithmeticTask
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
-
 
 @pytest.fixture(scope="module")
 def sae_pack(tmp_path_factory):

@@ -13,13 +13,6 @@ from mechreward.run import Run
 from tiny import tiny_model, tiny_tokenizer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def test_empirical_entropy_in_nats():
     assert empirical_entropy(["a"] * 20) == 0.0

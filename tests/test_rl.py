@@ -4,15 +4,10 @@ preset composes to the published values, and a tiny run trains per-token, monito
 import json
 
 import pytest
-import torch
 
 from mechreward.errors import ConfigError
 from mechreward.grpo import grpo_config
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
 
 
 def test_grpo_overrides_are_trl_field_names_and_a_typo_names_the_key(tmp_path):

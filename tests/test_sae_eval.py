@@ -22,13 +22,6 @@ TRAIN_KEYS = {"variance_explained", "l0", "dead_fraction", "alive_fraction", "he
               "kl_sae", "tokens", "sae_path"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def identity_sae(layer=3):
     """d_sae = 2·D latents ±e_i, k = D: ReLU keeps exactly the positive half, x̂ = x."""

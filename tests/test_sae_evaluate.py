@@ -11,13 +11,6 @@ from mechreward.sae.evaluate import activation_metrics, density_histogram_figure
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def test_activation_metrics_match_a_direct_computation():
     g = torch.Generator().manual_seed(0)

@@ -14,13 +14,6 @@ from mechreward.sae.formats import load_sae, save_sae, sha256_file
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def trained_like(d_in=16, d_sae=64, k=4, scale=0.37, **kw):
     sae = SparseAutoencoder.from_config(SAEConfig(d_in, d_sae, k, metadata={"model_name": "tiny-qwen3", "layer": 2,

@@ -8,14 +8,6 @@ from mechreward.sae import SAEConfig, SparseAutoencoder
 from mechreward.sae.kernels import DECODE_IMPLS, selected_preacts, sparse_decode
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # 2 shared cores: OpenMP spin-waiting makes multi-threaded tiny ops 100x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def random_sae(d_in=12, d_sae=40, k=5, seed=0, dtype=torch.float64, **kw):
     sae = SparseAutoencoder(SAEConfig(d_in, d_sae, k, **kw), dtype=dtype, seed=seed)

@@ -9,13 +9,6 @@ from mechreward.sae import SAEConfig, SAETrainer, SparseAutoencoder, TrainerConf
 from mechreward.sae.model import geometric_median
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def sparse_data(n_true=48, d_in=32, k=3, seed=0):
     g = torch.Generator().manual_seed(seed)

@@ -17,15 +17,13 @@ rose while its held-out accuracy fell (means over seeds).
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from .. import stats
-from ..errors import ConfigError, DataError
+from ..errors import DataError
 
 ARMS = ("R0", "R1", "R2")
 EXCELLENT_R1_R0 = 0.02
