@@ -23,6 +23,8 @@ real completion tokens (padding excluded).
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -77,7 +79,7 @@ class CapturedBatch:
     """The ids the values were captured on (checked against what TRL passes the reward)."""
 
 
-class HiddenStateReward:
+class HiddenStateReward(ABC):
     """Base class of rewards computed from the layer-`layer` residual of completion tokens.
 
     Subclasses define `token_values(hidden [N, d]) -> [N, m]`, `pool(values [n, m]) -> [m]`
@@ -94,17 +96,21 @@ class HiddenStateReward:
         self._batch: CapturedBatch | None = None
 
     # -- the math (subclasses)
+    @abstractmethod
     def token_values(self, hidden: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Per-token values of completion hidden states `[n, d]` → `[n, m]`."""
 
+    @abstractmethod
     def pool(self, values: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Pool one completion's token values `[n, m]` → `[m]`."""
 
+    @abstractmethod
     def combine(self, pooled: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Trajectory scores from pooled values `[B, m]` → `[B]`."""
 
+    @abstractmethod
     def token_scores(self, values: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Per-token scores `[n, m]` → `[n]` (dense mode)."""
 
     def finish(self, raw: torch.Tensor) -> torch.Tensor:
         """Map raw trajectory scores `[B]` to the returned reward (identity unless normalised)."""

@@ -137,14 +137,19 @@ def last_prompt_codes(model, sae, layer: int, prompts: list[list[int]], pad_id: 
     out = []
     for s in range(0, len(prompts), batch_size):
         rows = prompts[s:s + batch_size]
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        for b, r in enumerate(rows):
-            ids[b, :len(r)] = torch.tensor(r)
+        ids = _right_pad(rows, pad_id)
         h = cap.run(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device), use_cache=False)[layer]
         last = torch.tensor([len(r) - 1 for r in rows], device=device)
         out.append(sae.encode_dense(h[torch.arange(len(rows), device=device), last].to(sae.dtype)).float().cpu())
     return torch.cat(out).numpy()
+
+
+def _right_pad(rows: list[list[int]], pad_id: int) -> torch.Tensor:
+    """Token rows right-padded to one width: [len(rows), max len] (position i of a row is its token i)."""
+    ids = torch.full((len(rows), max(len(r) for r in rows)), pad_id, dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, :len(r)] = torch.tensor(r)
+    return ids
 
 
 @torch.no_grad()
@@ -154,10 +159,7 @@ def model_first_token_entropy(model, prompts: list[list[int]], pad_id: int, batc
     out = []
     for s in range(0, len(prompts), batch_size):
         rows = prompts[s:s + batch_size]
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        for b, r in enumerate(rows):
-            ids[b, :len(r)] = torch.tensor(r)
+        ids = _right_pad(rows, pad_id)
         logits = model(input_ids=ids.to(device), use_cache=False).logits.float()
         last = logits[torch.arange(len(rows)), torch.tensor([len(r) - 1 for r in rows])]
         logp = torch.log_softmax(last, -1)
