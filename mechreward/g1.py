@@ -10,7 +10,7 @@ The protocol and the verdict live in `mechreward.gates.g1`.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 
@@ -49,9 +49,8 @@ class G1Config:
     seed: int = 0
 
     def protocol(self) -> G1Protocol:
-        return G1Protocol(n_discovery=self.n_discovery, n_validation=self.n_validation, pooling=self.pooling,
-                          selection=self.selection, n_random_packs=self.n_random_packs, n_boot=self.n_boot,
-                          n_perm=self.n_perm, seed=self.seed)
+        """The protocol settings of this config (every G1Protocol field is also a field here)."""
+        return G1Protocol(**{f.name: getattr(self, f.name) for f in fields(G1Protocol)})
 
 
 def _figures(run: Run, res: G1Result) -> None:

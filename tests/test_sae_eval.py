@@ -16,6 +16,8 @@ from mechreward.sae import SAEConfig, SparseAutoencoder
 from mechreward.sae.formats import save_sae
 from mechreward.sae_eval import SAEEvalConfig, run_sae_eval
 
+import tiny
+
 ROOT = Path(__file__).resolve().parent.parent
 D = 128  # the organism's hidden size
 TRAIN_KEYS = {"variance_explained", "l0", "dead_fraction", "alive_fraction", "healthy_fraction", "loss_recovered",
@@ -24,15 +26,7 @@ TRAIN_KEYS = {"variance_explained", "l0", "dead_fraction", "alive_fraction", "he
 
 
 def identity_sae(layer=3):
-    """d_sae = 2·D latents ±e_i, k = D: ReLU keeps exactly the positive half, x̂ = x."""
-    sae = SparseAutoencoder(SAEConfig(D, 2 * D, D, metadata={"model_name": "organism", "layer": layer}))
-    eye = torch.eye(D)
-    with torch.no_grad():
-        sae.W_enc.copy_(torch.cat([eye, -eye], 1))
-        sae.W_dec.copy_(torch.cat([eye, -eye], 0))
-        sae.b_enc.zero_()
-        sae.b_dec.zero_()
-    return sae
+    return tiny.identity_sae(D, model_name="organism", layer=layer)
 
 
 def zero_sae(layer=3):

@@ -7,6 +7,7 @@ import torch
 
 from mechreward.sae import SAEConfig, SparseAutoencoder
 from mechreward.sae.evaluate import activation_metrics, density_histogram_figure, splice_metrics
+from tiny import identity_sae
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -47,17 +48,6 @@ def tiny_qwen3():
     return transformers.AutoModelForCausalLM.from_config(cfg).eval()
 
 
-def identity_sae(d):
-    """d_sae = 2d, W_enc = [I, −I]: each ±x_i pair has one non-negative member, so the top d
-    pre-activations are exactly |x_i| and ReLU + W_dec = [I; −I] gives x back."""
-    sae = SparseAutoencoder.from_config(SAEConfig(d, 2 * d, d))
-    eye = torch.eye(d)
-    with torch.no_grad():
-        sae.W_enc.copy_(torch.cat([eye, -eye], 1))
-        sae.W_dec.copy_(torch.cat([eye, -eye], 0))
-        sae.b_enc.zero_()
-        sae.b_dec.zero_()
-    return sae
 
 
 def test_splice_metrics_identity_sae_recovers_all_and_zero_sae_none(tiny_qwen3):

@@ -82,3 +82,19 @@ def save_tiny(path, arch: str = "qwen3", seed: int = 0):
     model.save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return path
+
+
+def identity_sae(d: int, **metadata):
+    """An exact identity SAE: d_sae = 2d, W_enc = [I, −I], k = d. Each ±x_i pair has one
+    non-negative member, so the top d pre-activations are exactly |x_i| and ReLU + W_dec = [I; −I]
+    gives x back."""
+    from mechreward.sae import SAEConfig, SparseAutoencoder
+
+    sae = SparseAutoencoder.from_config(SAEConfig(d, 2 * d, d, metadata=dict(metadata)))
+    eye = torch.eye(d)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.cat([eye, -eye], 1))
+        sae.W_dec.copy_(torch.cat([eye, -eye], 0))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    return sae

@@ -27,6 +27,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .kernels import _SelectedPreacts
+
 BLOCK_D = 128
 """Columns of d_in per program."""
 BLOCK_K = 16
@@ -161,14 +163,9 @@ class TritonDecode(torch.autograd.Function):
         return grad_values, None, grad_W
 
 
-class TritonSelectedPreacts(torch.autograd.Function):
-    """pre[n, indices[n, j]] (pre = x @ W_enc + b_enc computed without grad); the backward
-    touches only the selected latents: no [N, d_sae] gradient is ever built."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, W_enc: Tensor, b_enc: Tensor, indices: Tensor, pre: Tensor) -> Tensor:
-        ctx.save_for_backward(x, W_enc, indices)
-        return pre.gather(-1, indices)
+class TritonSelectedPreacts(_SelectedPreacts):
+    """`kernels._SelectedPreacts` (same forward) with a fused backward that touches only the
+    selected latents: no [N, d_sae] gradient is ever built."""
 
     @staticmethod
     def backward(ctx, grad: Tensor):
