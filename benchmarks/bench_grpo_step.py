@@ -32,7 +32,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("CI", "true")
 
 import torch  # noqa: E402
-from transformers import TrainerCallback  # noqa: E402
 
 
 def organism_pack(tmp: Path, device):

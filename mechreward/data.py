@@ -77,7 +77,7 @@ def _hf_texts(cfg: DataConfig) -> Iterator[str]:
     except Exception as e:  # noqa: BLE001 - datasets raises many types; all mean "cannot load"
         raise DataError(f"cannot load dataset {cfg.source!r} (config {cfg.name!r}, split {cfg.split!r}): {e}. "
                         "Offline, save it as a local .jsonl and pass its path as data.source") from None
-    for i, row in enumerate(ds):
+    for row in ds:
         if cfg.text_field not in row:
             raise DataError(f"dataset {cfg.source!r} has no field {cfg.text_field!r} (fields: {sorted(row)})")
         if row[cfg.text_field]:

@@ -358,7 +358,7 @@ def evaluate_policy(model, tokenizer, questions, task, reward: HiddenStateReward
                     comp[b, len(s.prompt_ids):len(r)] = True
                 comp_d = comp.to(device)
                 cap = ResidualCapture(model, [reward.layer], early_exit=True,
-                                      transform=lambda layer, h: reward.score(h, comp_d))
+                                      transform=lambda layer, h, comp_d=comp_d: reward.score(h, comp_d))
                 out = cap.run(input_ids=ids.to(device), attention_mask=attn.to(device), use_cache=False)
                 scores[start:start + len(chunk)] = out[reward.layer].float().cpu().numpy()
     finally:

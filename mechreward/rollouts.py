@@ -321,7 +321,7 @@ def capture(model, samples: Sequence[Sample], layers: Sequence[int], sae=None, s
         lengths = comp_d.sum(1)  # [B]
         last_pos = torch.tensor([len(r) - 1 for r in rows], device=device)
 
-        def transform(layer: int, hidden: torch.Tensor):
+        def transform(layer: int, hidden: torch.Tensor, comp_d=comp_d, lengths=lengths, last_pos=last_pos):
             h = hidden.float()  # [B, T, d]
             out = {"mean": (h * comp_d[..., None]).sum(1) / lengths[:, None],
                    "last": h[torch.arange(h.shape[0], device=device), last_pos]}

@@ -250,7 +250,7 @@ def train_saes(source: ActivationSource, cfg: SAETrainRunConfig, run: Run, check
     if step < steps and world.is_main:
         run.log(step, warning=f"data ran out after {step * cfg.batch_size} tokens (asked for {cfg.tokens})")
     elapsed = time.time() - t0
-    for layer, sae in saes.items():
+    for sae in saes.values():
         sae.metadata_extra = {"tokens": step * cfg.batch_size, "steps": step,
                               "tokens_per_second": (step - step0) * cfg.batch_size / max(elapsed, 1e-9)}
     return saes

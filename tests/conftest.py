@@ -4,6 +4,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The caller's CI flag, kept before the default below (xdist workers inherit both): under CI a
+# test whose optional tool is missing fails instead of skipping (tests/needs.py).
+os.environ.setdefault("MECHREWARD_CALLER_CI", os.environ.get("CI", ""))
 os.environ.setdefault("CI", "true")
 
 import torch  # noqa: E402

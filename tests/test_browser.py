@@ -1,6 +1,7 @@
 """The static feature browser in a real headless Chromium (Chrome DevTools Protocol over a websocket).
 
-Needs Debian `chromium` and the `websocket-client` package; skipped with the reason otherwise.
+Needs Debian `chromium` and the `websocket-client` package; skipped with the reason otherwise,
+except under CI (`CI=true`, as `.ci/run` sets), where a missing one fails the test.
 The page is opened from disk (file://): it must load with no console errors, sort its table
 when a header is clicked, and show a feature's contexts in its panel. A screenshot is saved in
 the test's tmp dir (its path is printed; run pytest with -s to see it).
@@ -23,11 +24,14 @@ from mechreward.rollouts import sae_reference
 from mechreward.run import Run
 from mechreward.sae.formats import load_sae, save_sae
 from mechreward.sae.model import SAEConfig, SparseAutoencoder
+from needs import missing
 from tiny import tiny_model, tiny_tokenizer
 
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
-websocket = pytest.importorskip("websocket", reason="the browser test needs `websocket-client` (pip install websocket-client)")
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="the browser test needs Chromium (apt-get install chromium)")
+try:
+    import websocket
+except ImportError:
+    websocket = None
 
 
 
@@ -80,6 +84,10 @@ class Page:
 
 @pytest.fixture
 def chromium(tmp_path):
+    if websocket is None:
+        missing("the browser test needs `websocket-client` (pip install websocket-client)")
+    if CHROMIUM is None:
+        missing("the browser test needs Chromium (apt-get install chromium)")
     profile = tempfile.mkdtemp(prefix="chromium-profile-")
     proc = subprocess.Popen(
         [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
