@@ -8,6 +8,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # test whose optional tool is missing fails instead of skipping (tests/needs.py).
 os.environ.setdefault("MECHREWARD_CALLER_CI", os.environ.get("CI", ""))
 os.environ.setdefault("CI", "true")
+# Tests run on CPU: sparsify's Triton decoder (picked whenever triton imports) needs a GPU.
+os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
 
 import torch  # noqa: E402
 

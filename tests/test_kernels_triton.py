@@ -119,5 +119,5 @@ def test_sae_training_steps_with_triton_dispatch_match_the_default_kernels(monke
 
 def test_cuda_dispatch_names_triton_when_installed():
     assert kernels.decode_impl_for("cuda") == "triton"
-    assert kernels.decode_impl_for("cpu") == "embedding_bag"
+    assert kernels.decode_impl_for("cpu") == "csr"
     assert tk.BLOCK_D % 16 == 0

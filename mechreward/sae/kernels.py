@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import warnings
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -39,10 +39,43 @@ def _sampled_rowdot(a: Tensor, b: Tensor, indices: Tensor) -> Tensor:
     return torch.sparse.sampled_addmm(mask, a, b.t(), beta=0.0).values().view(indices.shape)
 
 
-def _scatter_matmul_t(values: Tensor, indices: Tensor, rhs: Tensor, n_rows: int) -> Tensor:
-    """Zᵀ @ rhs where Z [N, n_rows] holds `values` at `indices`: [n_rows, D]. Deterministic."""
-    z = _csr_rows(values.to(rhs.dtype), indices, n_rows)
-    return torch.sparse.mm(z.t(), rhs)
+def _scatter_matmul_t(values: Tensor, indices: Tensor, rhs: Tensor, n_rows: int,
+                      order: "LatentOrder | None" = None) -> Tensor:
+    """Zᵀ @ rhs where Z [N, n_rows] holds `values` at `indices`: [n_rows, D]. Deterministic.
+
+    Zᵀ is built directly in CSR form from the latent order (one stable sort, shared with the
+    other backward of the step when `order` is given), so the sparse product needs no
+    transposition of its own (which sorts again and copies every index and value)."""
+    order = order if order is not None else latent_order(indices, n_rows)
+    with warnings.catch_warnings():  # CSR is marked beta; the ops used here are stable since 2.0
+        warnings.simplefilter("ignore")
+        zt = torch.sparse_csr_tensor(order.start, order.rows, values.reshape(-1)[order.perm].to(rhs.dtype),
+                                     (n_rows, indices.shape[0]), check_invariants=False)
+    return torch.sparse.mm(zt, rhs)
+
+
+class LatentOrder(NamedTuple):
+    """The (token, slot) pairs of an [N, k] index matrix sorted by latent: Z's CSC form.
+
+    One stable sort per selection; the decoder's and the encoder's backward both use it (and the
+    Triton kernels' segment sums). Latent i's pairs are perm[start[i]:start[i + 1]]."""
+
+    perm: Tensor
+    """[N·k] int64: positions in the flattened [N, k], latent by latent (stable: token order within)."""
+    rows: Tensor
+    """[N·k] int64: the token of each sorted pair."""
+    start: Tensor
+    """[n_latents + 1] int64: segment boundaries (no host sync: searchsorted, not bincount)."""
+
+
+def latent_order(indices: Tensor, n_latents: int) -> LatentOrder:
+    """`LatentOrder` of indices [N, k] (values in [0, n_latents))."""
+    # int32 keys when they fit: the sort is the costly part and halves with the key width.
+    kdt = torch.int32 if n_latents < 2**31 else torch.int64
+    flat = indices.reshape(-1).to(kdt)
+    sorted_latents, perm = torch.sort(flat, stable=True)
+    start = torch.searchsorted(sorted_latents, torch.arange(n_latents + 1, device=flat.device, dtype=kdt))
+    return LatentOrder(perm, perm // indices.shape[1], start.to(torch.int64))
 
 
 # --------------------------------------------------------------------------- decode
@@ -55,11 +88,14 @@ def decode_embedding_bag(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tens
 
 class _CSRDecode(torch.autograd.Function):
     """Forward with embedding_bag; backward with sampled dense-dense (grad of values) and a CSR
-    product (grad of W_dec), so no [N, k, d_in] or [N, d_sae] intermediate is ever built."""
+    product (grad of W_dec), so no [N, k, d_in] or [N, d_sae] intermediate is ever built.
+    `order` (a `LatentOrder` of `indices`, or None to sort here) is shared with the encoder's
+    backward of the same selection."""
 
     @staticmethod
-    def forward(ctx, values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
+    def forward(ctx, values: Tensor, indices: Tensor, W_dec: Tensor, order: LatentOrder | None = None) -> Tensor:
         ctx.save_for_backward(values, indices, W_dec)
+        ctx.order = order
         return F.embedding_bag(indices, W_dec, per_sample_weights=values.to(W_dec.dtype), mode="sum")
 
     @staticmethod
@@ -70,12 +106,12 @@ class _CSRDecode(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_values = _sampled_rowdot(grad_out, W_dec, indices).to(values.dtype)
         if ctx.needs_input_grad[2]:
-            grad_W = _scatter_matmul_t(values, indices, grad_out, W_dec.shape[0])
-        return grad_values, None, grad_W
+            grad_W = _scatter_matmul_t(values, indices, grad_out, W_dec.shape[0], ctx.order)
+        return grad_values, None, grad_W, None
 
 
-def decode_csr(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
-    return _CSRDecode.apply(values, indices, W_dec)
+def decode_csr(values: Tensor, indices: Tensor, W_dec: Tensor, order: LatentOrder | None = None) -> Tensor:
+    return _CSRDecode.apply(values, indices, W_dec, order)
 
 
 def decode_dense(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
@@ -96,28 +132,34 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 """Triton is importable. Its kernels ("triton") need a CUDA tensor, or TRITON_INTERPRET=1 set before
 `triton_kernels` is imported; so "triton" is not in `DECODE_IMPLS` (which all run on CPU)."""
 
-# Per device type. CPU: embedding_bag measured fastest end to end (forward + backward) on the
-# benchmark shape. CUDA: the fused Triton kernels when installed (decode, W_dec and encoder
-# backward touch only the selected latents), embedding_bag + CSR products otherwise.
-_DEFAULT_DECODE = {"cpu": "embedding_bag", "cuda": "triton" if HAS_TRITON else "embedding_bag"}
+# Per device type. CPU: csr (embedding_bag forward; its backward reuses the encoder's latent
+# order, so one sort per selection instead of embedding_bag's own sort plus a slow per-sample-
+# weights backward: ~2x faster decode forward + backward on the benchmark shape, see
+# benchmarks/README.md). CUDA: the fused Triton kernels when installed (decode, W_dec and
+# encoder backward touch only the selected latents), embedding_bag + CSR products otherwise.
+_DEFAULT_DECODE = {"cpu": "csr", "cuda": "triton" if HAS_TRITON else "embedding_bag"}
 
 
 def decode_impl_for(device: torch.device | str) -> str:
     return _DEFAULT_DECODE.get(torch.device(device).type, "embedding_bag")
 
 
-def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, impl: str | None = None) -> Tensor:
+def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, impl: str | None = None,
+                  order: LatentOrder | None = None) -> Tensor:
     """x̂ without bias: out[n] = Σ_j values[n, j] · W_dec[indices[n, j]].
 
     values, indices: [N, k]; W_dec: [d_sae, d_in] → [N, d_in] (dtype of W_dec). Differentiable
     in values and W_dec. `impl` forces one of `DECODE_IMPLS` or "triton"; None picks the
-    device's fastest.
+    device's fastest. `order` (`latent_order(indices, d_sae)`) lets the W_dec gradient reuse
+    the sort of the encoder's backward (csr, triton); the other implementations ignore it.
     """
     impl = impl or decode_impl_for(W_dec.device)
     if impl == "triton":
         from .triton_kernels import decode
 
-        return decode(values, indices, W_dec)
+        return decode(values, indices, W_dec, order)
+    if impl == "csr":
+        return decode_csr(values, indices, W_dec, order)
     return DECODE_IMPLS[impl](values, indices, W_dec)
 
 
@@ -131,8 +173,10 @@ class _SelectedPreacts(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, W_enc: Tensor, b_enc: Tensor, indices: Tensor, pre: Tensor) -> Tensor:
+    def forward(ctx, x: Tensor, W_enc: Tensor, b_enc: Tensor, indices: Tensor, pre: Tensor,
+                order: LatentOrder | None = None) -> Tensor:
         ctx.save_for_backward(x, W_enc, indices)
+        ctx.order = order
         return pre.gather(-1, indices)
 
     @staticmethod
@@ -144,15 +188,15 @@ class _SelectedPreacts(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             gx = torch.sparse.mm(_csr_rows(grad, indices, d_sae), W_enc.t()).to(x.dtype)
         if ctx.needs_input_grad[1]:
-            gW = _scatter_matmul_t(grad, indices, x.to(W_enc.dtype), d_sae).t()
+            gW = _scatter_matmul_t(grad, indices, x.to(W_enc.dtype), d_sae, ctx.order).t()
         if ctx.needs_input_grad[2]:
             gb = torch.zeros(d_sae, dtype=W_enc.dtype, device=W_enc.device)
             gb = gb.index_add(0, indices.reshape(-1), grad.reshape(-1))
-        return gx, gW, gb, None, None
+        return gx, gW, gb, None, None, None
 
 
 def selected_preacts(x: Tensor, W_enc: Tensor, b_enc: Tensor, indices: Tensor, pre: Tensor,
-                     impl: str | None = None) -> Tensor:
+                     impl: str | None = None, order: LatentOrder | None = None) -> Tensor:
     """Differentiable gather of the encoder pre-activations at `indices` ([N, k]).
 
     x [N, d_in] (already centred), W_enc [d_in, d_sae], b_enc [d_sae]; `pre` [N, d_sae] must be
@@ -162,8 +206,8 @@ def selected_preacts(x: Tensor, W_enc: Tensor, b_enc: Tensor, indices: Tensor, p
     if (impl or decode_impl_for(W_enc.device)) == "triton":
         from .triton_kernels import selected_preacts as triton_selected_preacts
 
-        return triton_selected_preacts(x, W_enc, b_enc, indices, pre)
-    return _SelectedPreacts.apply(x, W_enc, b_enc, indices, pre)
+        return triton_selected_preacts(x, W_enc, b_enc, indices, pre, order)
+    return _SelectedPreacts.apply(x, W_enc, b_enc, indices, pre, order)
 
 
 if __name__ == "__main__":  # quick CPU measurement of the decode implementations

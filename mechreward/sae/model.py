@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError, ShapeError
-from .kernels import selected_preacts, sparse_decode
+from .kernels import LatentOrder, latent_order, selected_preacts, sparse_decode
 
 ARCHITECTURES = ("topk", "batchtopk")
 
@@ -250,8 +250,9 @@ class SparseAutoencoder(nn.Module):
         if self.cfg.architecture == "topk":
             with torch.no_grad():
                 idx = self._topk_indices(pre, self.cfg.k)
-            values = self._activate(selected_preacts(xc, self.W_enc, self.b_enc, idx, pre))
-            recon = sparse_decode(values, idx, self.W_dec) + self.b_dec
+            order = self._order(idx)  # one sort for both backwards
+            values = self._activate(selected_preacts(xc, self.W_enc, self.b_enc, idx, pre, order=order))
+            recon = sparse_decode(values, idx, self.W_dec, order=order) + self.b_dec
             fired = torch.zeros(self.cfg.d_sae, dtype=values.dtype, device=values.device)
             fired = fired.scatter_reduce(0, idx.reshape(-1), (values.detach() != 0).reshape(-1).to(values.dtype),
                                          "amax") > 0
@@ -276,9 +277,10 @@ class SparseAutoencoder(nn.Module):
                 masked = torch.where(dead_mask[None], pre, torch.full_like(pre, -torch.inf))
                 aux_idx = masked.topk(k_aux, dim=-1, sorted=False).indices
                 aux_is_dead = dead_mask[aux_idx]  # [N, k_aux]
-            aux_vals = self._activate(selected_preacts(xc, self.W_enc, self.b_enc, aux_idx, pre))
+            aux_order = self._order(aux_idx)
+            aux_vals = self._activate(selected_preacts(xc, self.W_enc, self.b_enc, aux_idx, pre, order=aux_order))
             aux_vals = aux_vals * aux_is_dead
-            e_hat = sparse_decode(aux_vals, aux_idx, self.W_dec)  # no b_dec: it is in the residual
+            e_hat = sparse_decode(aux_vals, aux_idx, self.W_dec, order=aux_order)  # no b_dec: it is in the residual
             # Fewer dead latents than k_aux: weigh the loss down (as sparsify and SAELens do);
             # with none dead it is exactly 0. A tensor, so no host sync.
             scale = (dead_mask.sum() / k_aux).clamp(max=1.0).to(err.dtype)
@@ -288,6 +290,13 @@ class SparseAutoencoder(nn.Module):
 
         x_hat = (recon / self.act_scale).reshape(*lead, self.cfg.d_in)
         return ForwardOutput(x_hat, values.reshape(*lead, -1), idx.reshape(*lead, -1), fvu, auxk_loss, fired)
+
+    def _order(self, idx: Tensor) -> LatentOrder | None:
+        """The latent order of a selection when a backward will need it (else no sort)."""
+        if torch.is_grad_enabled() and (self.W_enc.requires_grad or self.W_dec.requires_grad):
+            with torch.no_grad():
+                return latent_order(idx, self.cfg.d_sae)
+        return None
 
     @torch.no_grad()
     def _update_threshold(self, z: Tensor, mask: Tensor, decay: float = 0.99) -> None:

@@ -8,7 +8,8 @@ Three kernels cover both sparse products of the step (k of d_sae latents per tok
                                                            grad of W_dec, W_enc (and b_enc)
 
 `_segment_sum` is the "transpose" product Zᵀ @ R of the sparse code matrix Z: the (n, j) pairs
-are sorted by latent once per backward (stable sort, so every latent sums its rows in a fixed
+are sorted by latent once per selection (`kernels.latent_order`, shared by the decoder's
+and the encoder's backward; stable sort, so every latent sums its rows in a fixed
 order: the gradients are deterministic, unlike an atomic scatter) and each program owns one
 latent's row of the output. Rows of latents that did not fire are written as zeros, so no
 [N, d_sae] or [N·k, d_in] intermediate is built and nothing syncs with the host.
@@ -27,7 +28,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .kernels import _SelectedPreacts
+from .kernels import LatentOrder, _SelectedPreacts, latent_order
 
 BLOCK_D = 128
 """Columns of d_in per program."""
@@ -116,28 +117,17 @@ def rowdot(g: Tensor, indices: Tensor, W: Tensor, out_dtype: torch.dtype) -> Ten
     return out
 
 
-class LatentOrder:
-    """The (token, slot) pairs of an [N, k] index matrix sorted by latent: the CSC form of Z."""
-
-    def __init__(self, indices: Tensor, n_latents: int):
-        flat = indices.reshape(-1)
-        sorted_latents, perm = torch.sort(flat, stable=True)
-        self.perm = perm  # [N·k] position in the flattened [N, k]
-        self.rows = perm // indices.shape[1]  # [N·k] token of each pair
-        # start[i] .. start[i + 1] are latent i's pairs; searchsorted needs no host sync (bincount would).
-        self.start = torch.searchsorted(sorted_latents, torch.arange(n_latents + 1, device=flat.device,
-                                                                     dtype=flat.dtype))
-        self.n_latents = n_latents
-
-    def transpose_matmul(self, values: Tensor, R: Tensor, out: Tensor) -> Tensor:
-        """out[i] = Σ_{(n, j): idx[n, j] = i} values[n, j] · R[n]; out [n_latents, D] (any strides)."""
-        vals = values.reshape(-1)[self.perm].contiguous()
-        d = R.shape[1]
-        R = R if R.stride(1) == 1 else R.contiguous()
-        _segment_sum[(self.n_latents, triton.cdiv(d, BLOCK_D))](vals, self.rows, self.start, R, out, d, R.stride(0),
-                                                                out.stride(0), out.stride(1),
-                                                                BLOCK_P=BLOCK_P, BLOCK_D=BLOCK_D)
-        return out
+def transpose_matmul(order: LatentOrder, values: Tensor, R: Tensor, out: Tensor) -> Tensor:
+    """out[i] = Σ_{(n, j): idx[n, j] = i} values[n, j] · R[n]; out [n_latents, D] (any strides).
+    `order` is `kernels.latent_order(idx, n_latents)`."""
+    vals = values.reshape(-1)[order.perm].contiguous()
+    d = R.shape[1]
+    R = R if R.stride(1) == 1 else R.contiguous()
+    n_latents = order.start.shape[0] - 1
+    _segment_sum[(n_latents, triton.cdiv(d, BLOCK_D))](vals, order.rows, order.start, R, out, d, R.stride(0),
+                                                       out.stride(0), out.stride(1),
+                                                       BLOCK_P=BLOCK_P, BLOCK_D=BLOCK_D)
+    return out
 
 
 # --------------------------------------------------------------------------- autograd
@@ -146,8 +136,9 @@ class TritonDecode(torch.autograd.Function):
     """x̂ = Σ_j values[n, j] · W_dec[indices[n, j]]; W_dec's gradient touches only selected rows."""
 
     @staticmethod
-    def forward(ctx, values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
+    def forward(ctx, values: Tensor, indices: Tensor, W_dec: Tensor, order: LatentOrder | None = None) -> Tensor:
         ctx.save_for_backward(values, indices, W_dec)
+        ctx.order = order
         return gather_rows(values, indices, W_dec, W_dec.dtype)
 
     @staticmethod
@@ -159,8 +150,9 @@ class TritonDecode(torch.autograd.Function):
             grad_values = rowdot(grad_out, indices, W_dec, values.dtype)
         if ctx.needs_input_grad[2]:
             grad_W = torch.empty_like(W_dec)
-            LatentOrder(indices, W_dec.shape[0]).transpose_matmul(values, grad_out, grad_W)
-        return grad_values, None, grad_W
+            order = ctx.order if ctx.order is not None else latent_order(indices, W_dec.shape[0])
+            transpose_matmul(order, values, grad_out, grad_W)
+        return grad_values, None, grad_W, None
 
 
 class TritonSelectedPreacts(_SelectedPreacts):
@@ -176,22 +168,23 @@ class TritonSelectedPreacts(_SelectedPreacts):
         if ctx.needs_input_grad[0]:
             gx = gather_rows(grad, indices, W_enc.t(), x.dtype)  # row i of W_encᵀ is latent i's encoder
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            order = LatentOrder(indices, d_sae)
+            order = ctx.order if ctx.order is not None else latent_order(indices, d_sae)
             if ctx.needs_input_grad[1]:
                 gW = torch.empty_like(W_enc)  # [d_in, d_sae], written through its transpose
-                order.transpose_matmul(grad, x, gW.t())
+                transpose_matmul(order, grad, x, gW.t())
             if ctx.needs_input_grad[2]:
                 ones = torch.ones(x.shape[0], 1, dtype=torch.float32, device=x.device)
-                gb = order.transpose_matmul(grad, ones, torch.empty(d_sae, 1, dtype=W_enc.dtype,
-                                                                    device=W_enc.device)).view(d_sae)
-        return gx, gW, gb, None, None
+                gb = transpose_matmul(order, grad, ones, torch.empty(d_sae, 1, dtype=W_enc.dtype,
+                                                                     device=W_enc.device)).view(d_sae)
+        return gx, gW, gb, None, None, None
 
 
-def decode(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
+def decode(values: Tensor, indices: Tensor, W_dec: Tensor, order: LatentOrder | None = None) -> Tensor:
     """`kernels.sparse_decode` with the Triton kernels (output dtype = W_dec's)."""
-    return TritonDecode.apply(values, indices, W_dec)
+    return TritonDecode.apply(values, indices, W_dec, order)
 
 
-def selected_preacts(x: Tensor, W_enc: Tensor, b_enc: Tensor, indices: Tensor, pre: Tensor) -> Tensor:
+def selected_preacts(x: Tensor, W_enc: Tensor, b_enc: Tensor, indices: Tensor, pre: Tensor,
+                     order: LatentOrder | None = None) -> Tensor:
     """`kernels.selected_preacts` with the Triton backward."""
-    return TritonSelectedPreacts.apply(x, W_enc, b_enc, indices, pre)
+    return TritonSelectedPreacts.apply(x, W_enc, b_enc, indices, pre, order)
