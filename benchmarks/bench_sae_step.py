@@ -155,6 +155,8 @@ def main():
     a.d_sae = a.d_sae or (32768 if gpu else 8192)
     a.k = a.k or (128 if gpu else 32)
     a.bf16 = a.bf16 or gpu
+    if not gpu:  # sparsify picks its Triton decoder whenever triton imports; it needs a GPU
+        os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
     if a.threads:
         torch.set_num_threads(a.threads)
 

@@ -134,8 +134,8 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 # Per device type. CPU: csr (embedding_bag forward; its backward reuses the encoder's latent
 # order, so one sort per selection instead of embedding_bag's own sort plus a slow per-sample-
-# weights backward: ~2x faster decode forward + backward on the benchmark shape, see
-# benchmarks/README.md). CUDA: the fused Triton kernels when installed (decode, W_dec and
+# weights backward: decode forward + backward 1.3x faster at 1 thread, 2.2x at 2 on the benchmark
+# shape, see benchmarks/README.md). CUDA: the fused Triton kernels when installed (decode, W_dec and
 # encoder backward touch only the selected latents), embedding_bag + CSR products otherwise.
 _DEFAULT_DECODE = {"cpu": "csr", "cuda": "triton" if HAS_TRITON else "embedding_bag"}
 
