@@ -95,6 +95,7 @@ def import_anchor(name: str):
                 mod = importlib.import_module("sparsify.sparse_coder")
                 SparseCoder, SparseCoderConfig = mod.SparseCoder, importlib.import_module(
                     "sparsify.config").SparseCoderConfig
+                pkg.SparseCoder, pkg.SparseCoderConfig = SparseCoder, SparseCoderConfig  # for bench_sae_step
             return (SparseCoder, SparseCoderConfig), None
         if name == "saelens":
             from sae_lens.saes.topk_sae import TopKTrainingSAE
