@@ -10,6 +10,9 @@ os.environ.setdefault("MECHREWARD_CALLER_CI", os.environ.get("CI", ""))
 os.environ.setdefault("CI", "true")
 # Tests run on CPU: sparsify's Triton decoder (picked whenever triton imports) needs a GPU.
 os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
+# ...and triton's jit reads TRITON_INTERPRET when first imported (sparsify imports it early), so
+# the Triton kernel test's CPU interpreter must be chosen here, before any test module loads.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch  # noqa: E402
 
