@@ -122,6 +122,9 @@ NEAR_UNIFORM_GAP = 0.10
 """Flag a splice when CE_zero − CE_clean is below this fraction of CE_zero (the model barely beats
 zero ablation on the scored tokens, so loss recovered divides by a near-zero gap)."""
 
+LOSS_RECOVERED_TOLERANCE = 1e-4
+"""A loss recovered within this of [0, 1] (float noise of an exact identity or zero SAE) is in range."""
+
 
 def splice_flags(m: dict[str, float], suffix: str = "") -> dict[str, str]:
     """{code: sentence} for the splice numbers `m` (keys ce_clean, ce_sae, ce_zero, loss_recovered
@@ -129,7 +132,8 @@ def splice_flags(m: dict[str, float], suffix: str = "") -> dict[str, str]:
     c, s, z, lr = (m[f"{k}{suffix}"] for k in ("ce_clean", "ce_sae", "ce_zero", "loss_recovered"))
     where = " (all tokens)" if suffix else ""
     flags = {}
-    if not (lr == lr and 0.0 <= lr <= 1.0):
+    tol = LOSS_RECOVERED_TOLERANCE
+    if not (lr == lr and -tol <= lr <= 1.0 + tol):
         if s < c:
             why = "the spliced model predicts these tokens better than the model itself"
         elif s > z:
