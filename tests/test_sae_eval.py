@@ -70,10 +70,10 @@ def test_default_run_evaluates_the_organism_sae(tmp_path):
 
     shipped = getattr(organism, "ORGANISM_SAE_DIR", None)
     out = tmp_path / "run"
-    args = ["model.device=cpu", f"hydra.run.dir={out}"]
+    args = ["model.device=cpu", "heldout_sequences=64", f"hydra.run.dir={out}"]
     if shipped is None or not Path(shipped).exists():  # until the organism ships its SAE: one saved here
         args.append(f"sae.path={save_sae(identity_sae(), tmp_path / 'sae')}")
-    r = _run(args, timeout=180)
+    r = _run(args, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     assert TRAIN_KEYS <= set(report) and len(report["saes"]) == 1
