@@ -37,9 +37,9 @@ class FilterConfig:
 
 
 class TokenStats(dict):
-    """Counters: seen, kept, first_position, special, outlier, nonfinite."""
+    """Counters: seen, kept, first_position, special, outlier, nonfinite, padding."""
 
-    KEYS = ("seen", "kept", "first_position", "special", "outlier", "nonfinite")
+    KEYS = ("seen", "kept", "first_position", "special", "outlier", "nonfinite", "padding")
 
     def __init__(self, *args, **kw):
         super().__init__({k: 0 for k in self.KEYS})
@@ -50,17 +50,23 @@ def _block_generator(seed: int, block: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + block) % (2**63 - 1))
 
 
-def filter_tokens(input_ids: torch.Tensor, acts: dict[int, torch.Tensor], cfg: FilterConfig,
-                  special_ids: Sequence[int], stats: TokenStats, batch_index: int = 0) -> dict[int, torch.Tensor]:
-    """Keep the tokens that pass every filter; one mask shared by all layers. Returns {layer: [n, d]}."""
+def keep_mask(input_ids: torch.Tensor, acts: dict[int, torch.Tensor], cfg: FilterConfig,
+              special_ids: Sequence[int], stats: TokenStats, batch_index: int = 0,
+              valid: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, T] bool (CPU): the tokens that pass every filter, one mask shared by all layers; counts
+    each drop in `stats`. `valid` [B, T] (optional): positions outside it are padding, dropped
+    (and counted) before any filter."""
     B, T = input_ids.shape
     keep = torch.ones(B, T, dtype=torch.bool)
     stats["seen"] += B * T
+    if valid is not None:
+        keep &= valid.cpu().bool()
+        stats["padding"] = stats.get("padding", 0) + int((~keep).sum())
     if cfg.drop_first_position:
+        stats["first_position"] += int(keep[:, 0].sum())
         keep[:, 0] = False
-        stats["first_position"] += B
     if cfg.drop_special and special_ids:
-        special = torch.isin(input_ids, torch.tensor(list(special_ids), dtype=input_ids.dtype)) & keep
+        special = torch.isin(input_ids.cpu(), torch.tensor(list(special_ids), dtype=input_ids.dtype)) & keep
         stats["special"] += int(special.sum())
         keep &= ~special
     for layer, h in acts.items():
@@ -82,7 +88,14 @@ def filter_tokens(input_ids: torch.Tensor, acts: dict[int, torch.Tensor], cfg: F
         stats["outlier"] += int(outlier.sum())
         keep &= ~outlier
     stats["kept"] += int(keep.sum())
-    flat = keep.flatten()
+    return keep
+
+
+def filter_tokens(input_ids: torch.Tensor, acts: dict[int, torch.Tensor], cfg: FilterConfig,
+                  special_ids: Sequence[int], stats: TokenStats, batch_index: int = 0) -> dict[int, torch.Tensor]:
+    """Keep the tokens that pass every filter (`keep_mask`); one mask shared by all layers. Returns {layer: [n, d]}."""
+    B, T = input_ids.shape
+    flat = keep_mask(input_ids, acts, cfg, special_ids, stats, batch_index).flatten()
     return {layer: h.reshape(B * T, -1)[flat.to(h.device)] for layer, h in acts.items()}
 
 

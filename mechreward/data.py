@@ -1,7 +1,11 @@
-"""Text corpora → packed token batches.
+"""Text corpora → token batches.
 
 Sources: the built-in organism text (default), a local `.txt` (one document per non-empty
-line) / `.jsonl` / `.json` file, or a Hugging Face dataset id (streamed).
+line) / `.jsonl` / `.json` file, or a Hugging Face dataset id (streamed). Real corpora are
+packed (documents joined by EOS, cut into `context_length` rows). The organism follows its own
+training distribution instead: one problem per row from position 0 (prompt + worked solution +
+EOS, never cut, never packed), right-padded with the pad token, and the held-out rows know
+which targets are the completion (what the organism was trained to predict).
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, NamedTuple
 
 import torch
 
@@ -34,11 +38,13 @@ class DataConfig:
     streaming: bool = True
     """Stream HF datasets instead of downloading them whole."""
     context_length: int = 64
-    """Tokens per packed sequence."""
+    """Tokens per packed sequence (real corpora). The organism is not packed: one problem per
+    row, padded to the longest row of its batch (at most 82 tokens)."""
     batch_size: int = 32
     """Sequences per model forward."""
     heldout_sequences: int = 256
-    """Sequences reserved for held-out evaluation (never trained on)."""
+    """Sequences reserved for held-out evaluation (never trained on); for the organism,
+    problems of its evaluation split (one per row)."""
     seed: int = 0
     """Seed of generated corpora (the organism's text)."""
 
@@ -48,6 +54,51 @@ def _organism_texts(split: str, seed: int) -> Iterator[str]:
 
     for p in iter_problems(split, seed):
         yield prompt_text(p) + solution_text(p)
+
+
+class HeldOut(NamedTuple):
+    """Held-out rows for evaluation.
+
+    input_ids [H, T]; attention_mask [H, T] (0 on right padding); completion_mask [H, T] or
+    None: True on the tokens the model was trained to predict (the organism's worked solution
+    and its EOS), None for packed corpora (every token is a target).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    completion_mask: torch.Tensor | None
+
+
+def organism_rows(tokenizer, split: str, seed: int) -> Iterator[tuple[list[int], int]]:
+    """(prompt + completion + EOS token ids, prompt length) of one organism problem per row, as the
+    organism was trained (`mechreward.organism.train.make_batch`)."""
+    from .tasks.arithmetic import iter_problems, prompt_text, solution_text
+
+    eos = tokenizer.eos_token_id
+    for p in iter_problems(split, seed):
+        prompt = tokenizer(prompt_text(p), add_special_tokens=False)["input_ids"]
+        comp = tokenizer(solution_text(p), add_special_tokens=False)["input_ids"]
+        yield prompt + comp + ([eos] if eos is not None else []), len(prompt)
+
+
+def _pad_id(tokenizer) -> int:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise DataError("the tokenizer has neither a pad nor an eos token to pad organism rows with")
+    return pad
+
+
+def _pad_rows(rows: list[tuple[list[int], int]], pad: int) -> HeldOut:
+    """Right-pad one-problem rows to the longest; completion_mask marks the completion + EOS."""
+    width = max(len(r) for r, _ in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    comp = torch.zeros(len(rows), width, dtype=torch.bool)
+    for i, (r, n_prompt) in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r)
+        mask[i, :len(r)] = 1
+        comp[i, n_prompt:len(r)] = True
+    return HeldOut(ids, mask, comp)
 
 
 def _file_texts(path: Path, field: str) -> Iterator[str]:
@@ -109,20 +160,45 @@ def pack(tokenizer, texts: Iterable[str], context_length: int) -> Iterator[list[
             buf = buf[context_length:]
 
 
+def organism_heldout(tokenizer, cfg: DataConfig) -> HeldOut:
+    """`heldout_sequences` problems of the organism's evaluation split, one per row from position 0."""
+    rows = list(itertools.islice(organism_rows(tokenizer, "eval", cfg.seed), cfg.heldout_sequences))
+    if not rows:
+        empty = torch.empty(0, 1, dtype=torch.long)
+        return HeldOut(empty, empty.clone(), empty.bool())
+    return _pad_rows(rows, _pad_id(tokenizer))
+
+
+def _organism_batches(tokenizer, cfg: DataConfig) -> Iterator[torch.Tensor]:
+    """Endless training batches [B, T] of the organism: one train-split problem per row, right-padded
+    with the pad token (= EOS for the organism; the special-token filter drops it)."""
+    rows, pad = organism_rows(tokenizer, "train", cfg.seed), _pad_id(tokenizer)
+    while True:
+        yield _pad_rows(list(itertools.islice(rows, cfg.batch_size)), pad).input_ids
+
+
+def heldout_set(tokenizer, cfg: DataConfig) -> HeldOut:
+    """The held-out rows of `token_batches` with their attention and completion masks."""
+    if cfg.source == ORGANISM_TEXT:
+        return organism_heldout(tokenizer, cfg)
+    held = token_batches(tokenizer, cfg)[0]
+    return HeldOut(held, torch.ones_like(held), None)
+
+
 def token_batches(tokenizer, cfg: DataConfig) -> tuple[torch.Tensor, Iterator[torch.Tensor]]:
     """(held-out input_ids [H, T], endless-or-finite iterator of training input_ids [B, T]).
 
     For file and HF corpora the first `heldout_sequences` rows are held out and the training
-    stream starts after them; the organism draws held-out rows from its evaluation split.
+    stream starts after them. The organism gives one problem per row from position 0 (no
+    packing), right-padded with its pad token (= EOS): held-out rows from its evaluation split,
+    training rows from its train split (`heldout_set` adds the padding and completion masks).
     """
     if cfg.context_length < 2 or cfg.batch_size < 1:
         raise DataError(f"context_length must be >= 2 and batch_size >= 1, got {cfg.context_length}, {cfg.batch_size}")
-    rows = pack(tokenizer, iter_texts(cfg), cfg.context_length)
     if cfg.source == ORGANISM_TEXT:
-        held = list(itertools.islice(pack(tokenizer, iter_texts(cfg, heldout=True), cfg.context_length),
-                                     cfg.heldout_sequences))
-    else:
-        held = list(itertools.islice(rows, cfg.heldout_sequences))
+        return organism_heldout(tokenizer, cfg).input_ids, _organism_batches(tokenizer, cfg)
+    rows = pack(tokenizer, iter_texts(cfg), cfg.context_length)
+    held = list(itertools.islice(rows, cfg.heldout_sequences))
     first = list(itertools.islice(rows, cfg.batch_size))
     if not first or len(held) < min(1, cfg.heldout_sequences):
         raise DataError(f"corpus {cfg.source!r} is empty or too short: need at least "

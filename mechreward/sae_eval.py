@@ -2,9 +2,13 @@
 the same held-out evaluation as a freshly trained one.
 
 For each SAE + its model on held-out text: variance explained, L0, dead / alive / healthy
-fractions, loss recovered and KL (the reconstruction spliced into the forward at the hooked
-layer), a feature-density histogram, and a per-SAE table when several are given. report.json
-has the training report's keys (worst over SAEs at the top, one row per SAE under `saes`).
+fractions, and the splice (the reconstruction in place of the hooked layer's output): CE clean /
+SAE / zero-ablated, CE increase in nats and relative, KL and loss recovered, with flags when loss
+recovered cannot be read as usual; a feature-density histogram, and a per-SAE table when several
+are given. The positions are those training uses (the `filters`: position 0, special tokens,
+norm outliers excluded and counted); on the organism one problem per row, the headline CE on its
+completion. report.json has the training report's keys (worst over SAEs at the top, one row per
+SAE under `saes`).
 
     python -m mechreward.sae_eval                                  # the organism's SAE
     python -m mechreward.sae_eval sae.path=sae/my-sae
@@ -18,18 +22,16 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from .activations import FilterConfig
 from .cli import hydra_command
-from .data import DataConfig, token_batches
+from .data import DataConfig, heldout_set
 from .errors import ConfigError, ShapeError
 from .models import ModelConfig, find_layers, hidden_size, load_model, normalize_layer, resolve_device
 from .rollouts import ORGANISM_SAE, SAERef, resolve_sae_path
 from .run import Run, markdown_table
-from .sae.evaluate import activation_metrics, density_histogram_figure, splice_metrics
+from .sae.evaluate import density_histogram_figure
 from .sae.formats import load_sae
-from .sae_train import heldout_activations
+from .sae_train import evaluate_layer, heldout_activations, splice_markdown, worst_over
 
 
 @dataclass
@@ -49,7 +51,7 @@ class SAEEvalConfig:
     k: int | None = None
     """k for checkpoints that do not store it (a local Qwen-Scope file outside the registry)."""
     heldout_sequences: int | None = None
-    """Override data.heldout_sequences (rows of data.context_length tokens)."""
+    """Override data.heldout_sequences (packed rows of data.context_length tokens; organism problems)."""
     splice: bool = True
     """Measure loss recovered and KL by splicing the reconstruction into the model."""
     batch_size: int = 16
@@ -60,22 +62,6 @@ class SAEEvalConfig:
 def _parse_source(text: str, default_layer: int | None) -> tuple[str, int | None]:
     m = re.fullmatch(r"(.+)@(-?\d+)", text)
     return (m.group(1), int(m.group(2))) if m else (text, default_layer)
-
-
-def _chunked_splice(model, layer: int, sae, ids: torch.Tensor, batch_size: int) -> dict[str, float]:
-    """splice_metrics over chunks of `ids`, combined as if computed on all of them at once."""
-    tot: dict[str, float] = {"ce_clean": 0.0, "ce_sae": 0.0, "ce_zero": 0.0, "kl_sae": 0.0}
-    n = 0
-    for i in range(0, ids.shape[0], batch_size):
-        m = splice_metrics(model, layer, sae, ids[i:i + batch_size])
-        for key in tot:
-            tot[key] += m[key] * m["n_tokens"]
-        n += m["n_tokens"]
-    out = {key: v / n for key, v in tot.items()}
-    denom = out["ce_zero"] - out["ce_clean"]
-    out["loss_recovered"] = (out["ce_zero"] - out["ce_sae"]) / denom if denom != 0 else float("nan")
-    out["splice_tokens"] = n
-    return out
 
 
 def run_sae_eval(cfg: SAEEvalConfig, run: Run) -> dict:
@@ -101,38 +87,44 @@ def run_sae_eval(cfg: SAEEvalConfig, run: Run) -> dict:
     data = cfg.data
     if cfg.heldout_sequences is not None:
         data.heldout_sequences = cfg.heldout_sequences
-    heldout_ids, _ = token_batches(tokenizer, data)
+    heldout = heldout_set(tokenizer, data)
     layers = sorted({layer for _, layer, _ in saes})
-    held = heldout_activations(model, layers, heldout_ids, tokenizer, cfg.filters, batch_size=cfg.batch_size)
+    held, keep, stats = heldout_activations(model, layers, heldout.input_ids, tokenizer, cfg.filters,
+                                            batch_size=cfg.batch_size, attention_mask=heldout.attention_mask,
+                                            return_mask=True)
     rows = []
     for i, (source, layer, sae) in enumerate(saes):
-        m = activation_metrics(sae, held[layer].to(sae.device))
-        fire_rates = m.pop("fire_rates")
-        if cfg.splice:
-            m.update(_chunked_splice(model, layer, sae, heldout_ids, cfg.batch_size))
+        m, fire_rates = evaluate_layer(model, layer, sae, heldout, held[layer], keep, stats, cfg.splice,
+                                       batch_size=cfg.batch_size)
+        m.pop("n_tokens")
         md = sae.cfg.metadata
-        rows.append({"sae": source, "layer": layer, **{k: float(v) for k, v in m.items()},
+        rows.append({"sae": source, "layer": layer, **m,
                      "tokens": int(held[layer].shape[0]), "sae_path": md.get("path"), "format": md.get("format"),
                      "d_sae": sae.cfg.d_sae, "k": sae.cfg.k, "sha256": md.get("sha256"), "model": md.get("model")})
         fig_name = f"feature_density_{i}_L{layer}.png" if len(saes) > 1 else f"feature_density_L{layer}.png"
         run.save_figure(density_histogram_figure(fire_rates), fig_name)
         rows[-1]["density_plot"] = fig_name
-    worst = {"variance_explained": min, "l0": max, "dead_fraction": max, "alive_fraction": min,
-             "healthy_fraction": min, "loss_recovered": min, "kl_sae": max}
-    report: dict[str, Any] = {k: f(r[k] for r in rows) for k, f in worst.items() if k in rows[0]}
+    report: dict[str, Any] = worst_over(rows)
     report.update({"tokens": min(r["tokens"] for r in rows),
                    "sae_path": rows[0]["sae_path"] if len(rows) == 1 else [r["sae_path"] for r in rows],
-                   "saes": rows, "model": cfg.model.name_or_path, "heldout_sequences": int(heldout_ids.shape[0])})
+                   "saes": rows, "model": cfg.model.name_or_path, "heldout_sequences": int(heldout.input_ids.shape[0]),
+                   "heldout_filter": dict(stats)})
     cols = ["sae", "layer", "format", "d_sae", "k", "variance_explained", "l0", "dead_fraction", "alive_fraction",
-            "healthy_fraction"] + (["loss_recovered", "kl_sae"] if cfg.splice else [])
+            "healthy_fraction"] + (["loss_recovered", "ce_increase", "kl_sae"] if cfg.splice else [])
+    unit = ("one problem per row (padded to the longest)" if heldout.completion_mask is not None
+            else f"{heldout.input_ids.shape[1]} tokens")
     md_text = ["# SAE evaluation", "",
-               f"model `{cfg.model.name_or_path}`, {heldout_ids.shape[0]} held-out sequences of "
-               f"{heldout_ids.shape[1]} tokens ({report['tokens']:,} tokens after filters)", "",
+               f"model `{cfg.model.name_or_path}`, {heldout.input_ids.shape[0]} held-out sequences of "
+               f"{unit} ({report['tokens']:,} tokens after filters)", "",
                "One row per SAE (report.json: worst over SAEs at the top, rows under `saes`):", "",
-               markdown_table(rows, cols)]
+               markdown_table(rows, cols), *splice_markdown(rows)]
+    if not cfg.splice:
+        md_text += [rows[0]["positions"]["text"], ""]
     md_text += [f"![feature density {r['sae']} L{r['layer']}]({r['density_plot']})" for r in rows]
     run.write_report(report, "\n".join(md_text) + "\n")
     print(markdown_table(rows, cols))
+    for code, why in report["flags"].items():
+        print(f"FLAG {code}: {why}")
     return report
 
 

@@ -20,9 +20,9 @@ import torch
 from . import io
 from .distributed import World, init as init_distributed, layers_for_rank
 from .activations import (ActivationSource, FilterConfig, LiveSource, StoreSource, TokenStats,
-                          filter_tokens, sae_batches)
+                          keep_mask, sae_batches)
 from .cli import hydra_command
-from .data import DataConfig, token_batches
+from .data import ORGANISM_TEXT, DataConfig, HeldOut, heldout_set, token_batches
 from .errors import ConfigError, DataError
 from .models import (ModelConfig, ResidualCapture, find_layers, hidden_size, load_config, load_model, normalize_layer,
                      resolve_device)
@@ -294,17 +294,113 @@ def _find_resume(run: Run) -> tuple[Run, dict] | None:
 
 @torch.no_grad()
 def heldout_activations(model, layers, input_ids: torch.Tensor, tokenizer, filters: FilterConfig,
-                        batch_size: int = 16) -> dict[int, torch.Tensor]:
+                        batch_size: int = 16, attention_mask: torch.Tensor | None = None,
+                        return_mask: bool = False):
+    """{layer: [n, d]} of the held-out tokens that pass the training filters (`filters`: position
+    0, special tokens, norm outliers; positions where `attention_mask` is 0 are padding). With
+    `return_mask`, also the [H, T] keep mask and the TokenStats of what was dropped."""
     device = next(model.parameters()).device
     cap = ResidualCapture(model, layers)
     parts: dict[int, list] = {l: [] for l in layers}
+    stats, masks = TokenStats(), []
     for i in range(0, input_ids.shape[0], batch_size):
         ids = input_ids[i:i + batch_size]
-        acts = cap.run(input_ids=ids.to(device), use_cache=False)
-        kept = filter_tokens(ids, {l: a.float() for l, a in acts.items()}, filters, _special_ids(tokenizer), TokenStats())
+        acts = {l: a.float() for l, a in cap.run(input_ids=ids.to(device), use_cache=False).items()}
+        keep = keep_mask(ids, acts, filters, _special_ids(tokenizer), stats,
+                         valid=None if attention_mask is None else attention_mask[i:i + batch_size] > 0)
+        masks.append(keep)
+        flat = keep.flatten()
         for l in layers:
-            parts[l].append(kept[l])
-    return {l: torch.cat(p) for l, p in parts.items()}
+            parts[l].append(acts[l].reshape(flat.shape[0], -1)[flat.to(acts[l].device)])
+    acts = {l: torch.cat(p) for l, p in parts.items()}
+    return (acts, torch.cat(masks), stats) if return_mask else acts
+
+
+def positions_text(stats: dict, completion: bool) -> str:
+    """One sentence: which held-out positions the metrics score and what was excluded."""
+    dropped = ", ".join(f"{k.replace('_', ' ')} {stats.get(k, 0):,}" for k in
+                        ("first_position", "special", "outlier", "nonfinite", "padding") if stats.get(k, 0))
+    text = (f"Activation metrics use the {stats['kept']:,} of {stats['seen']:,} held-out positions the training "
+            f"filters keep (excluded: {dropped or 'none'}); the splice replaces the layer output at exactly those "
+            "positions and leaves the others clean. ")
+    if completion:
+        text += ("Headline CE / KL / loss recovered score the completion targets (worked solution + EOS, what the "
+                 "organism was trained to predict); the `_all` keys score every next-token target of the rows "
+                 "predicted from a spliced position (the prediction made at an excluded position, e.g. position 0, "
+                 "is not scored: the SAE does not touch it).")
+    else:
+        text += ("CE / KL / loss recovered score every next-token target predicted from a spliced position "
+                 "(the prediction made at an excluded position, e.g. position 0 or a separator, is not scored).")
+    return text
+
+
+SPLICE_KEYS = ("ce_clean", "ce_sae", "ce_zero", "loss_recovered", "ce_increase", "ce_increase_relative", "kl_sae",
+               "kl_zero", "n_tokens")
+
+
+def evaluate_layer(model, layer: int, sae: SparseAutoencoder, held: HeldOut, acts: torch.Tensor, keep: torch.Tensor,
+                   stats: dict, splice: bool, batch_size: int = 16) -> tuple[dict[str, Any], torch.Tensor]:
+    """Held-out metrics of one SAE: activation metrics on `acts` (the kept positions `keep`), and
+    with `splice` the CE / KL / loss recovered of splicing it in at those positions (headline on
+    the completion when `held` has one, `_all` over every target). Returns (row, fire_rates)."""
+    m = activation_metrics(sae, acts.to(sae.W_enc.device))
+    fire_rates = m.pop("fire_rates")
+    row: dict[str, Any] = {k: float(v) for k, v in m.items()}
+    row["n_tokens"] = int(m["n_tokens"])
+    completion = held.completion_mask is not None
+    flags: dict[str, str] = {}
+    if splice:
+        s = splice_metrics(model, layer, sae, held.input_ids, held.attention_mask, splice_mask=keep,
+                           score_mask=held.completion_mask, batch_size=batch_size)
+        flags = s.pop("flags")
+        row.update({k: (int(v) if isinstance(v, int) else float(v)) for k, v in s.items() if k != "n_tokens"})
+        row["scored_tokens"] = s["n_tokens"]
+        if not completion:  # the headline already is every target
+            row.update({f"{k}_all": row[k] if k != "n_tokens" else s["n_tokens"] for k in SPLICE_KEYS})
+        row["scored"] = "completion" if completion else "all"
+    row["positions"] = {"activation_tokens": int(acts.shape[0]), "spliced": int(keep.sum()),
+                        "excluded": {k: int(stats.get(k, 0)) for k in
+                                     ("first_position", "special", "outlier", "nonfinite", "padding")},
+                        "seen": int(stats["seen"]), "text": positions_text(stats, completion)}
+    row["flags"] = flags
+    return row, fire_rates
+
+
+def worst_over(rows: list[dict]) -> dict[str, Any]:
+    """The report's top level: each metric's worst value over the rows (layers or SAEs), every
+    row's flags (prefixed by the row when several), and the shared position description."""
+    worst = {"variance_explained": min, "l0": max, "dead_fraction": max, "alive_fraction": min,
+             "healthy_fraction": min, "loss_recovered": min, "kl_sae": max, "ce_increase": max,
+             "ce_increase_relative": max, "loss_recovered_all": min, "kl_sae_all": max, "ce_increase_all": max,
+             "ce_increase_relative_all": max}
+    out: dict[str, Any] = {k: f(r[k] for r in rows) for k, f in worst.items() if k in rows[0]}
+    for k in ("ce_clean", "ce_sae", "ce_zero", "ce_clean_all", "ce_sae_all", "ce_zero_all", "scored",
+              "scored_tokens"):
+        if k in rows[0] and len(rows) == 1:
+            out[k] = rows[0][k]
+    flags: dict[str, str] = {}
+    for r in rows:
+        tag = f"L{r['layer']}" + (f" {r['sae']}" if "sae" in r else "")
+        for code, why in r.get("flags", {}).items():
+            flags[code if len(rows) == 1 else f"{tag}: {code}"] = why
+    out["flags"] = flags
+    out["positions"] = rows[0]["positions"]["text"]
+    return out
+
+
+def splice_markdown(rows: list[dict]) -> list[str]:
+    """Markdown lines: the splice numbers per row and every flag's sentence."""
+    if "ce_clean" not in rows[0]:
+        return []
+    cols = ["layer"] + (["sae"] if "sae" in rows[0] else []) + [
+        "scored", "scored_tokens", "ce_clean", "ce_sae", "ce_zero", "ce_increase", "ce_increase_relative", "kl_sae",
+        "loss_recovered", "ce_clean_all", "ce_sae_all", "ce_increase_all", "kl_sae_all", "loss_recovered_all"]
+    out = ["Splice (the SAE reconstruction, or zeros, in place of the layer output; CE in nats):", "",
+           markdown_table(rows, cols), rows[0]["positions"]["text"], ""]
+    for r in rows:
+        for code, why in r.get("flags", {}).items():
+            out += [f"**FLAG {code}** (layer {r['layer']}): {why}", ""]
+    return out
 
 
 def _special_ids(tokenizer) -> list[int]:
@@ -350,7 +446,10 @@ def run_sae_train(cfg: SAETrainRunConfig, run: Run) -> dict:
     model, tokenizer = load_model(cfg.model)
     n_layers = len(find_layers(model))
     layers = sorted({normalize_layer(l, n_layers) for l in cfg.layers})
-    heldout_ids, _ = token_batches(tokenizer, cfg.data)
+    if cfg.data.source == ORGANISM_TEXT and not cfg.filters.drop_special:
+        raise ConfigError("filters.drop_special=false with data.source=organism would train on the padding of its "
+                          "one-problem rows (pad = EOS); keep filters.drop_special=true")
+    heldout = heldout_set(tokenizer, cfg.data)
     if cfg.activations == "live":
         def batches():
             return token_batches(tokenizer, cfg.data)[1]
@@ -375,23 +474,22 @@ def run_sae_train(cfg: SAETrainRunConfig, run: Run) -> dict:
     if not world.is_main:
         world.barrier()
         return {}
-    report = evaluate_and_save(cfg, run, model, tokenizer, saes, heldout_ids,
+    report = evaluate_and_save(cfg, run, model, tokenizer, saes, heldout,
                                getattr(source, "consumed_stats", source.stats))
     run.path(CHECKPOINT).unlink(missing_ok=True)
     world.barrier()
     return report
 
 
-def evaluate_and_save(cfg: SAETrainRunConfig, run: Run, model, tokenizer, saes: dict, heldout_ids, stats) -> dict:
+def evaluate_and_save(cfg: SAETrainRunConfig, run: Run, model, tokenizer, saes: dict, heldout: HeldOut, stats) -> dict:
     layers = sorted(saes)
-    held = heldout_activations(model, layers, heldout_ids, tokenizer, cfg.filters)
+    held, keep, held_stats = heldout_activations(model, layers, heldout.input_ids, tokenizer, cfg.filters,
+                                                 attention_mask=heldout.attention_mask, return_mask=True)
     per_layer = []
     for layer in layers:
         sae = saes[layer].eval()
-        m = activation_metrics(sae, held[layer].to(sae.W_enc.device))
-        fire_rates = m.pop("fire_rates")
-        if cfg.eval_splice:
-            m.update(splice_metrics(model, layer, sae, heldout_ids.to(next(model.parameters()).device)))
+        m, fire_rates = evaluate_layer(model, layer, sae, heldout, held[layer], keep, held_stats, cfg.eval_splice)
+        m.pop("n_tokens")
         path = Path(cfg.output_dir) / sae_name(cfg, layer)
         sae.cfg.metadata.update({"model_name": cfg.model.name_or_path, "layer": layer,
                                  "hook_name": f"model.layers.{layer}", "d_model": sae.cfg.d_in,
@@ -400,19 +498,17 @@ def evaluate_and_save(cfg: SAETrainRunConfig, run: Run, model, tokenizer, saes: 
                                               "run_dir": str(run.dir)}})
         save_sae(sae, path)
         extra = getattr(sae, "metadata_extra", {})
-        per_layer.append({"layer": layer, **{k: float(v) for k, v in m.items()}, "tokens": extra.get("tokens", 0),
+        per_layer.append({"layer": layer, **m, "tokens": extra.get("tokens", 0),
                           "tokens_per_second": extra.get("tokens_per_second", 0.0), "sae_path": str(path),
                           "heldout_tokens": int(held[layer].shape[0])})
         run.save_figure(density_histogram_figure(fire_rates), f"feature_density_L{layer}.png")
     rows = read_metrics(run.dir)
     if rows:
         run.save_figure(training_curve_figure(rows), "training_curve.png")
-    worst = {"variance_explained": min, "l0": max, "dead_fraction": max, "alive_fraction": min,
-             "healthy_fraction": min, "loss_recovered": min, "kl_sae": max}
-    report: dict[str, Any] = {k: f(r[k] for r in per_layer) for k, f in worst.items() if k in per_layer[0]}
+    report: dict[str, Any] = worst_over(per_layer)
     report.update({"tokens": per_layer[0]["tokens"], "tokens_per_second": min(r["tokens_per_second"] for r in per_layer),
                    "sae_path": per_layer[0]["sae_path"] if len(per_layer) == 1 else [r["sae_path"] for r in per_layer],
-                   "layers": per_layer, "token_filter": dict(stats),
+                   "layers": per_layer, "token_filter": dict(stats), "heldout_filter": dict(held_stats),
                    "config": {"d_sae": cfg.sae.d_sae, "k": cfg.sae.k, "architecture": cfg.sae.architecture,
                               "batch_size": cfg.batch_size, "model": cfg.model.name_or_path}})
     md = ["# SAE training report", "",
@@ -420,7 +516,8 @@ def evaluate_and_save(cfg: SAETrainRunConfig, run: Run, model, tokenizer, saes: 
           f"{report['tokens']:,} tokens at {report['tokens_per_second']:,.0f} tokens/s", "",
           "Held-out metrics (worst over layers at the top of report.json; one row per SAE here):", "",
           markdown_table(per_layer, ["layer", "variance_explained", "l0", "dead_fraction", "alive_fraction",
-                                     "healthy_fraction", "loss_recovered", "kl_sae", "sae_path"]),
+                                     "healthy_fraction", "loss_recovered", "ce_increase", "kl_sae", "sae_path"]),
+          *splice_markdown(per_layer),
           "Tokens seen and dropped before training: " + ", ".join(f"{k} {v:,}" for k, v in stats.items()), "",
           "![training curve](training_curve.png)", ""]
     md += [f"![feature density L{l}](feature_density_L{l}.png)" for l in layers]

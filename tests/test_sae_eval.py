@@ -21,7 +21,8 @@ import tiny
 ROOT = Path(__file__).resolve().parent.parent
 D = 128  # the organism's hidden size
 TRAIN_KEYS = {"variance_explained", "l0", "dead_fraction", "alive_fraction", "healthy_fraction", "loss_recovered",
-              "kl_sae", "tokens", "sae_path"}
+              "kl_sae", "ce_increase", "ce_increase_relative", "loss_recovered_all", "kl_sae_all", "flags", "positions",
+              "tokens", "sae_path"}
 
 
 
@@ -69,14 +70,26 @@ def test_default_run_evaluates_the_organism_sae(tmp_path):
 
     shipped = getattr(organism, "ORGANISM_SAE_DIR", None)
     out = tmp_path / "run"
-    args = ["model.device=cpu", f"hydra.run.dir={out}"]
+    args = ["model.device=cpu", "heldout_sequences=64", f"hydra.run.dir={out}"]
     if shipped is None or not Path(shipped).exists():  # until the organism ships its SAE: one saved here
         args.append(f"sae.path={save_sae(identity_sae(), tmp_path / 'sae')}")
-    r = _run(args, timeout=180)
+    r = _run(args, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     assert TRAIN_KEYS <= set(report) and len(report["saes"]) == 1
     assert 0 < report["loss_recovered"] <= 1.01 and report["tokens"] > 1000
+    row = report["saes"][0]
+    # the organism: one problem per row, headline CE on the completion, all-token CE beside it
+    assert row["scored"] == "completion" and row["ce_clean"] < 0.3 < 1.0 < row["ce_clean_all"]
+    assert row["ce_increase"] == pytest.approx(row["ce_sae"] - row["ce_clean"])
+    assert row["ce_increase_relative"] == pytest.approx(row["ce_increase"] / row["ce_clean"])
+    ex = row["positions"]["excluded"]
+    n = report["heldout_sequences"]
+    assert ex["first_position"] == n and ex["special"] == n  # position 0 and the EOS closing each row
+    assert row["positions"]["spliced"] == row["tokens"] == row["positions"]["seen"] - sum(ex.values())
+    assert "completion targets" in report["positions"]
+    md = (out / "report.md").read_text()
+    assert "ce_increase" in md and all(f"FLAG {code}" in md for code in report["flags"])
 
 
 def test_sae_for_another_hidden_size_is_a_shape_error_naming_both(tmp_path):

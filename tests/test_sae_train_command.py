@@ -64,6 +64,21 @@ def test_train_end_to_end_report_and_sae_lens_loads_the_output(setup, tmp_path):
     assert abs(report["l0"] - 8) < 1e-6  # TopK: exactly k active
     assert 0.0 < report["variance_explained"] <= 1.0
     assert report["token_filter"]["first_position"] > 0
+    # packed corpus: the metrics score the positions training keeps, and say what was excluded
+    from mechreward.data import token_batches
+    from mechreward.models import load_model as _load
+
+    _, tok0 = _load(str(setup / "model"), device="cpu")
+    held = token_batches(tok0, cfg.data)[0]
+    for row in report["layers"]:
+        assert row["scored"] == "all" and row["loss_recovered_all"] == row["loss_recovered"]
+        ex = row["positions"]["excluded"]
+        assert ex["first_position"] == 16 and ex["special"] == int((held[:, 1:] == tok0.eos_token_id).sum()) > 0
+        assert row["positions"]["spliced"] == row["heldout_tokens"] == 16 * 32 - sum(ex.values())
+        assert row["ce_increase"] == pytest.approx(row["ce_sae"] - row["ce_clean"])
+        assert isinstance(row["flags"], dict)
+    assert report["ce_increase"] == max(r["ce_increase"] for r in report["layers"])
+    assert "excluded: first position 16, special" in report["positions"]
     saved = json.loads((tmp_path / "run" / "report.json").read_text())
     assert saved["sae_path"] == [str(tmp_path / "sae" / "model-L1-k8-256"), str(tmp_path / "sae" / "model-L3-k8-256")]
     assert (tmp_path / "run" / "training_curve.png").exists() and (tmp_path / "run" / "feature_density_L1.png").exists()
@@ -138,6 +153,15 @@ def test_bad_input_is_one_clear_error_and_no_output(setup, tmp_path, override, n
     assert r.returncode != 0
     assert needle in r.stderr
     assert "Traceback" not in r.stderr
+    assert not (tmp_path / "sae").exists()
+
+
+def test_organism_without_the_special_token_filter_is_refused(tmp_path):
+    from mechreward.errors import ConfigError
+
+    cfg = SAETrainRunConfig(filters=FilterConfig(drop_special=False), output_dir=str(tmp_path / "sae"))
+    with pytest.raises(ConfigError, match="filters.drop_special"):
+        run_sae_train(cfg, Run(tmp_path / "run"))
     assert not (tmp_path / "sae").exists()
 
 
