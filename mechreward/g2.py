@@ -45,8 +45,8 @@ class G2Config:
 
 # --------------------------------------------------------------------------- pack
 
-def find_pack(model_name: str, root: Path = Path("runs") / "g1") -> Path | None:
-    """The newest `feature_pack.json` under runs/g1 built for `model_name`."""
+def find_pack(model_name: str, root: Path = Path("runs") / "g1", allow_fail: bool = False) -> Path | None:
+    """The newest `feature_pack.json` under runs/g1 built for `model_name` (G1 verdict FAIL skipped unless `allow_fail`)."""
     from .probe import FeaturePack
 
     found = []
@@ -55,7 +55,7 @@ def find_pack(model_name: str, root: Path = Path("runs") / "g1") -> Path | None:
             pack = FeaturePack.load(p)
         except Exception:  # noqa: BLE001 - a half-written or foreign file is skipped
             continue
-        if pack.model == model_name and pack.validation:
+        if pack.model == model_name and pack.validation and (allow_fail or pack.validation.get("verdict") != "FAIL"):
             found.append((p.stat().st_mtime, p))
     return max(found)[1] if found else None
 
