@@ -109,7 +109,7 @@ def _check_mech_rewards(mech: list, model) -> None:
     if dupes:
         raise ConfigError(f"mech rewards with the same name {dupes} would overwrite each other's mech/<name>_* "
                           "metrics and captured values; set a distinct `name` on each")
-    if mech and model is not None and not isinstance(model, str):
+    if mech and model is not None:
         from .prompts import absolute_positions
 
         if absolute_positions(model):
@@ -133,11 +133,11 @@ class MechGRPOTrainer(GRPOTrainer):
     def __init__(self, *args: Any, mech_lambda: float | LinearSchedule | Sequence[float] = 0.1,
                  beta_schedule: LinearSchedule | Sequence[float] | None = None,
                  composition: str = "normalize_then_weight", prompt_format=None, **kwargs: Any):
-        model_arg = args[0] if args else kwargs.get("model")
         funcs = kwargs.get("reward_funcs", args[1] if len(args) > 1 else None)
         funcs = funcs if isinstance(funcs, (list, tuple)) else [funcs]
-        _check_mech_rewards([f for f in funcs if isinstance(f, HiddenStateReward)], model_arg)
+        _check_mech_rewards([f for f in funcs if isinstance(f, HiddenStateReward)], None)  # before loading anything
         super().__init__(*args, **kwargs)
+        _check_mech_rewards([f for f in self.reward_funcs if isinstance(f, HiddenStateReward)], self.model)
         if not show_progress():
             # Not a terminal (or CI): no per-step dict printing; metrics still reach `log_history`
             # and the run's own metrics.jsonl.
@@ -494,8 +494,9 @@ def evaluate_policy(model, tokenizer, questions, task, reward: HiddenStateReward
 
     Prompts: `prompt_format` (a `mechreward.prompts.PromptFormat`; None = the bare `chat` on/off), tokenised by
     `encode_prompt` as in G1 and in `MechGRPOTrainer`.
-    Returns accuracy, per-completion `correct [R]` and `score [R]` (trajectory mech score, teacher-forced
-    right-padded pass with early exit at the reward's layer), their means and Spearman ρ (None if undefined).
+    Returns accuracy, the `prompt_ids` fed, per-completion `correct [R]` and `score [R]` (trajectory mech score,
+    teacher-forced right-padded pass with early exit at the reward's layer), their means and Spearman ρ (None if
+    undefined).
     """
     from .generate import sample
     from .prompts import prompt_ids
@@ -534,7 +535,7 @@ def evaluate_policy(model, tokenizer, questions, task, reward: HiddenStateReward
     ok = np.isfinite(scores)
     if reward is not None and ok.sum() > 2 and 0 < correct[ok].mean() < 1 and np.std(scores[ok]) > 0:
         rho = float(spearman(scores[ok], correct[ok]).stat)
-    return {"accuracy": float(correct.mean()) if len(correct) else float("nan"), "correct": correct,
+    return {"accuracy": float(correct.mean()) if len(correct) else float("nan"), "correct": correct, "prompt_ids": prompts,
             "score": scores, "score_mean": float(np.nanmean(scores)) if ok.any() else None, "rho": rho,
             "n": int(len(samples))}
 
