@@ -155,3 +155,61 @@ def test_no_checkpoint_to_resume_is_an_error(tmp_path):
     with pytest.raises(Exception, match="no checkpoint"):
         run_rl(RLConfig(model=ModelConfig(model_dir, device="cpu"), reward="none", resume=True,
                         output_dir=str(tmp_path / "empty"), grpo={"max_steps": 1}), Run(tmp_path / "r3", "rl"))
+
+
+def test_heldout_and_canaries_exclude_every_question_the_pack_saw():
+    from mechreward.probe import FeaturePack
+    from mechreward.rl import split_eval
+    from mechreward.tasks.arithmetic import ArithmeticTask
+
+    qs = ArithmeticTask(n=10).questions
+    pack = FeaturePack(model="m", layer=0, hook="h", sae={}, features=[{"index": 0, "weight": 1.0}],
+                       provenance={"discovery": [qs[0].id, qs[3].id], "validation": [qs[5].id, qs[9].id]})
+    heldout, canaries, removed = split_eval(qs, pack, n_canaries=2)
+    seen = {qs[i].id for i in (0, 3, 5, 9)}
+    assert removed == 4 and len(heldout) == 4 and len(canaries) == 2
+    assert not seen & {q.id for q in heldout + canaries}
+    assert [q.id for q in canaries] == [qs[7].id, qs[8].id]
+    with pytest.raises(Exception, match="no held-out questions left"):
+        split_eval(qs[:5], pack, n_canaries=3)
+
+
+def test_pack_of_another_model_layer_or_sae_and_failed_packs_are_refused(tmp_path):
+    from mechreward.errors import DataError, MismatchError
+    from mechreward.probe import FeaturePack
+    from mechreward.reward import check_pack_fits, check_pack_verdict
+    from mechreward.rl import run_rl
+    from mechreward.run import Run
+    from mechreward.sae import SAEConfig, SparseAutoencoder
+    from mechreward.sae.formats import load_sae, save_sae
+
+    model_dir, pack_path = _tiny_rl_setup(tmp_path)
+    pack = FeaturePack.load(pack_path)
+    check_pack_fits(pack, model_dir, 4, 64)
+    with pytest.raises(MismatchError, match="built for model .* this run loads 'other'"):
+        check_pack_fits(pack, "other", 4, 64)
+    with pytest.raises(MismatchError, match="hidden size 32"):
+        check_pack_fits(pack, model_dir, 4, 32)
+    with pytest.raises(MismatchError, match="reads layer 2, model .* has 2 layers"):
+        check_pack_fits(pack, model_dir, 2, 64)
+    other = load_sae(save_sae(SparseAutoencoder.from_config(SAEConfig(64, 128, 8, metadata={"layer": 2}), seed=9),
+                              tmp_path / "sae2"))
+    with pytest.raises(MismatchError, match="sha256"):
+        check_pack_fits(pack, model_dir, 4, 64, other)
+    assert check_pack_verdict(pack, False)["refusal_overridden"] is False
+
+    failed = FeaturePack.load(pack_path)
+    failed.validation = {"verdict": "FAIL", "flags": []}
+    failed_path = failed.save(tmp_path / "failed.json")
+    with pytest.raises(DataError, match="failed G1.*allow_failed_pack=true"):
+        run_rl(_tiny_cfg(model_dir, failed_path, tmp_path / "f", 1, False), Run(tmp_path / "rf", "rl"))
+    failed.validation = {}
+    with pytest.raises(DataError, match="never validated"):
+        check_pack_verdict(failed, False)
+    with pytest.warns(UserWarning, match="allow_failed_pack=true"):
+        rep = run_rl(_tiny_cfg(model_dir, failed_path, tmp_path / "f2", 1, False, allow_failed_pack=True,
+                               eval_every=0, per_token=False), Run(tmp_path / "rf2", "rl"))
+    assert rep["pack_check"] == {"verdict": "FAIL", "flags": [], "refusal_overridden": True,
+                                 "allow_failed_pack": True}
+    assert rep["composition"] == "normalize_then_weight" and rep["prompt_format"]["chat_template"] is False
+    assert "allow_failed_pack=true" in (tmp_path / "rf2" / "report.md").read_text()
