@@ -6,8 +6,12 @@ key that is not a GRPOConfig field is an error naming it). The mech reward is th
 score (`reward=sae`, trajectory or `per_token=true`), the raw direction (`reward=direction`) or
 none (`reward=none`: outcome only); λ and β schedules are linear (`lam`→`lam_end`,
 `grpo.beta`→`beta_end`). Every `eval_every` steps the hacking monitor evaluates held-out
-accuracy, the G1 correlation and canary hack rate. Checkpoints every `grpo.save_steps` into
-`<run dir>/checkpoints` (or `output_dir`); `resume=true` continues from the latest one there.
+accuracy, the G1 correlation and canary hack rate on `eval_task` minus every question the
+pack's G1 saw. The pack must belong to the model/SAE and have passed G1 (`allow_failed_pack`);
+prompts use the pack's G1 prompt format (`mechreward.prompts`). Checkpoints every
+`grpo.save_steps` into `<run dir>/checkpoints` (or `output_dir`), each with the monitor's state
+and the schedules (`mech_state.json`); `resume=true` continues from the latest one there with
+the monitor restored (a changed `grpo.max_steps` is refused).
 
 With no arguments: the organism on arithmetic with its G1 pack, a short CPU run.
 Preset: `+recipe=g3_qwen35_4b_gsm8k` (the published G3 run).
@@ -156,7 +160,9 @@ def run_rl(cfg: RLConfig, run: Run) -> dict:
         report = {"dry_run": True, "grpo": {**{k: getattr(args, k) for k in sorted(set(DEFAULT_GRPO) | set(cfg.grpo))},
                                             **cfg.grpo},
                   "model": cfg.model.name_or_path, "task": cfg.task.name, "reward": cfg.reward,
-                  "per_token": cfg.per_token, "lam": cfg.lam, "lora": asdict(cfg.lora)}
+                  "per_token": cfg.per_token, "lam": cfg.lam, "lora": asdict(cfg.lora), "composition": cfg.composition,
+                  "hacking_tolerance": cfg.hacking_tolerance, "allow_failed_pack": cfg.allow_failed_pack,
+                  "prompt": asdict(cfg.prompt)}
         run.write_report(report)
         print(f"rl dry run: {report}")
         return report
