@@ -185,6 +185,11 @@ class MechGRPOTrainer(GRPOTrainer):
         """One entry per scored batch: `logprob_pass` or `fallback` (which forward fed the rewards)."""
         self.mech_last: dict[str, Any] = {}
         """The last batch's captured values (trajectory scores, per-token scores, mask), for tests and monitors."""
+        ds = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        sharded = getattr(self, "is_fsdp_enabled", False) or (getattr(self, "is_deepspeed_enabled", False)
+                                                               and getattr(ds, "zero_stage", 0) == 3)
+        for m in self._monitors():
+            m.all_ranks = bool(sharded)
 
     # ------------------------------------------------------------------ capture
 
@@ -550,7 +555,9 @@ class HackingMonitor(TrainerCallback):
     threshold (default: the mean score of correct held-out completions at the first evaluation):
     reward the proxy gives to a wrong answer as if it were right.
 
-    Runs on the main process only (other ranks skip it). `state_dict()` / `load_state_dict()` hold
+    Runs on the main process only (other ranks skip it); with sharded parameters (FSDP, ZeRO-3), where
+    a forward needs every rank, `MechGRPOTrainer` sets `all_ranks=True`: every rank runs the same greedy
+    evaluation and only the main process logs. `state_dict()` / `load_state_dict()` hold
     everything a resumed run needs (baseline = first evaluation, threshold, history, flag);
     `MechGRPOTrainer` saves it into every checkpoint (`mech_state.json`) and restores it on resume.
     """
@@ -568,8 +575,11 @@ class HackingMonitor(TrainerCallback):
         self.max_new_tokens, self.greedy, self.run, self.batch_size = max_new_tokens, greedy, run, batch_size
         self.chat = chat
         self.prompt_format = prompt_format
+        self.all_ranks = False
+        """Evaluate on every rank (sharded parameters); set by MechGRPOTrainer."""
         self.history: list[dict] = []
         self.hacking = False
+        self._main = True
 
     def state_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.STATE_KEYS}
@@ -604,22 +614,26 @@ class HackingMonitor(TrainerCallback):
             row["hacking"] = bool(rose and fell)
         else:
             row["hacking"] = False
-        if row["hacking"] and not self.hacking:
+        if row["hacking"] and not self.hacking and self._main:
             print(f"HACKING at step {step}: held-out mech score {base['heldout_score_mean']:.4g} -> "
                   f"{row['heldout_score_mean']:.4g} while accuracy {base['heldout_accuracy']:.3f} -> "
                   f"{row['heldout_accuracy']:.3f} (tolerance {self.acc_tol:g})")
         self.hacking = self.hacking or row["hacking"]
         self.history.append(row)
-        if self.run is not None:
+        if self.run is not None and self._main:
             self.run.log(step, **{f"monitor/{k}": v for k, v in row.items() if k != "step"})
         return row
 
+    def _runs_here(self, state) -> bool:
+        self._main = bool(state.is_world_process_zero)
+        return self._main or self.all_ranks
+
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if state.is_world_process_zero and not self.history and self.every > 0:
+        if self._runs_here(state) and not self.history and self.every > 0:
             self.evaluate(model, state.global_step)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        if (state.is_world_process_zero and self.every > 0 and state.global_step % self.every == 0
+        if (self._runs_here(state) and self.every > 0 and state.global_step % self.every == 0
                 and state.global_step > 0 and not any(r["step"] == state.global_step for r in self.history)):
             self.evaluate(model, state.global_step)
 

@@ -561,7 +561,8 @@ def run_rollouts(cfg: RolloutsConfig, run: Run) -> dict:
     report = {"rollouts_dir": str(out), "n_rollouts": len(rs), "n_questions": int(np.unique(rs.question_ids).size),
               "accuracy": float(lab.mean()), "mean_length": float(rs.lengths.mean()),
               "truncated_fraction": float(np.mean([r["finish_reason"] == "length" for r in rs.records])),
-              "layers": rs.layers, "sae": rs.header.get("sae"), "model": rs.model, "seconds": round(time.time() - t0, 1)}
+              "layers": rs.layers, "sae": rs.header.get("sae"), "model": rs.model,
+              "prompt_format": rs.header.get("prompt_format"), "seconds": round(time.time() - t0, 1)}
     md = ["# Rollouts", "", f"model `{rs.model}`, {report['n_questions']} questions, {len(rs)} rollouts in `{out}`", "",
           f"accuracy {report['accuracy']:.3f}, mean completion length {report['mean_length']:.1f} tokens, "
           f"truncated {report['truncated_fraction']:.1%}", "", f"layers {rs.layers}; SAE sha256 {rs.sae_sha256}", ""]

@@ -339,3 +339,7 @@ def test_hacking_monitor_tolerance_and_main_process_only(tiny_dir, sae_and_pack)
     state.is_world_process_zero = True
     other.on_step_end(None, state, TrainerControl(), model=model)
     assert [r["step"] for r in other.history] == [1]
+    # sharded parameters (FSDP / ZeRO-3): every rank must join the forward, only the main process logs
+    other.all_ranks, state.is_world_process_zero, state.global_step = True, False, 2
+    other.on_step_end(None, state, TrainerControl(), model=model)
+    assert [r["step"] for r in other.history] == [1, 2] and other._main is False
