@@ -39,14 +39,16 @@ class G2Config:
     sae_path: str | None = None
     """Override the pack's recorded SAE path."""
     protocol: G2Protocol = field(default_factory=G2Protocol)
+    allow_failed_pack: bool = False
+    """Run on a pack whose G1 verdict is FAIL or that G1 never validated (refused otherwise; reported)."""
     arms: list[str] = field(default_factory=lambda: list(ARMS))
     seed: int = 0
 
 
 # --------------------------------------------------------------------------- pack
 
-def find_pack(model_name: str, root: Path = Path("runs") / "g1") -> Path | None:
-    """The newest `feature_pack.json` under runs/g1 built for `model_name`."""
+def find_pack(model_name: str, root: Path = Path("runs") / "g1", allow_fail: bool = False) -> Path | None:
+    """The newest `feature_pack.json` under runs/g1 built for `model_name` (G1 verdict FAIL skipped unless `allow_fail`)."""
     from .probe import FeaturePack
 
     found = []
@@ -55,7 +57,7 @@ def find_pack(model_name: str, root: Path = Path("runs") / "g1") -> Path | None:
             pack = FeaturePack.load(p)
         except Exception:  # noqa: BLE001 - a half-written or foreign file is skipped
             continue
-        if pack.model == model_name and pack.validation:
+        if pack.model == model_name and pack.validation and (allow_fail or pack.validation.get("verdict") != "FAIL"):
             found.append((p.stat().st_mtime, p))
     return max(found)[1] if found else None
 
@@ -63,7 +65,7 @@ def find_pack(model_name: str, root: Path = Path("runs") / "g1") -> Path | None:
 def resolve_pack(cfg: G2Config, run: Run) -> Path:
     if cfg.pack:
         return Path(cfg.pack)
-    found = find_pack(cfg.model.name_or_path)
+    found = find_pack(cfg.model.name_or_path, allow_fail=cfg.allow_failed_pack)
     if found is not None:
         print(f"G2: using the G1 pack {found}")
         return found
@@ -83,7 +85,8 @@ def _dataset(questions):
     return Dataset.from_list([{"prompt": q.prompt, "answer": q.answer, "question_id": q.id} for q in questions])
 
 
-def run_arm(arm: str, seed: int, cfg: G2Config, task, train_qs, eval_qs, rewards: dict, out_dir: Path) -> dict:
+def run_arm(arm: str, seed: int, cfg: G2Config, task, train_qs, eval_qs, rewards: dict, out_dir: Path,
+            prompt_format=None) -> dict:
     """Train one arm from fresh weights (base model reloaded, new LoRA) and evaluate it on held-out questions."""
     from peft import LoraConfig
 
@@ -105,12 +108,13 @@ def run_arm(arm: str, seed: int, cfg: G2Config, task, train_qs, eval_qs, rewards
     lora = LoraConfig(r=p.lora_r, lora_alpha=p.lora_alpha, target_modules=p.lora_target_modules, lora_dropout=0.0,
                       task_type="CAUSAL_LM")
     trainer = MechGRPOTrainer(model, reward_funcs=funcs, args=args, train_dataset=_dataset(train_qs),
-                              processing_class=tokenizer, peft_config=lora, mech_lambda=p.lam)
+                              processing_class=tokenizer, peft_config=lora, mech_lambda=p.lam,
+                              prompt_format=prompt_format)
     init_sha = weights_sha(trainer.model)
     trainer.train()
     corr = [r[k] for r in trainer.state.log_history for k in r if k.endswith("_outcome_corr")]
     ev = evaluate_policy(trainer.model, tokenizer, eval_qs, task, rewards.get(arm) or rewards.get("R1"),
-                         greedy=True, max_new_tokens=p.eval_max_new_tokens)
+                         greedy=True, max_new_tokens=p.eval_max_new_tokens, prompt_format=prompt_format)
     return {"arm": arm, "seed": seed, "accuracy": ev["accuracy"], "correct": ev["correct"].tolist(),
             "score_mean": ev["score_mean"], "mech_outcome_corr": float(np.mean(corr)) if corr else None,
             "train_reward_outcome": [r.get("rewards/outcome/mean") for r in trainer.state.log_history
@@ -143,7 +147,9 @@ def heldout_questions(task, pack, n: int):
 def run_g2(cfg: G2Config, run: Run) -> dict:
     from .grpo import evaluate_policy
     from .probe import FeaturePack
-    from .reward import DirectionReward, SAEFeatureReward
+    from .models import find_layers, hidden_size
+    from .prompts import describe, format_of_pack
+    from .reward import DirectionReward, SAEFeatureReward, check_pack_fits, check_pack_verdict
 
     t0 = time.time()
     p = cfg.protocol
@@ -154,6 +160,7 @@ def run_g2(cfg: G2Config, run: Run) -> dict:
         raise ConfigError("the G2 verdict needs all three arms R0, R1, R2")
     pack_path = resolve_pack(cfg, run)
     pack = FeaturePack.load(pack_path)
+    pack_check = check_pack_verdict(pack, cfg.allow_failed_pack, "allow_failed_pack")
     device = resolve_device(cfg.model.device)
     sae_reward = SAEFeatureReward.from_pack(pack_path, cfg.sae_path, device=device, per_token=p.per_token)
     dir_reward = DirectionReward.from_pack(pack, per_token=p.per_token).to(device)
@@ -169,7 +176,10 @@ def run_g2(cfg: G2Config, run: Run) -> dict:
 
     # Before: every arm starts from the same weights (a fresh LoRA is the identity), so once.
     base, tok = load_model(cfg.model)
-    before = {arm: evaluate_policy(base, tok, eval_qs, task, r, greedy=True, max_new_tokens=p.eval_max_new_tokens)
+    check_pack_fits(pack, cfg.model.name_or_path, len(find_layers(base)), hidden_size(base), sae_reward.sae)
+    fmt = format_of_pack(pack).resolve(tok)  # the prompts G1 validated, for training and evaluation
+    before = {arm: evaluate_policy(base, tok, eval_qs, task, r, greedy=True, max_new_tokens=p.eval_max_new_tokens,
+                                   prompt_format=fmt)
               for arm, r in rewards.items()}
     acc_before = before["R1"]["accuracy"]
     score_before = {arm: ev["score_mean"] for arm, ev in before.items()}
@@ -179,7 +189,8 @@ def run_g2(cfg: G2Config, run: Run) -> dict:
     results: dict[str, list[dict]] = {a: [] for a in ARMS}
     for seed in p.seeds:
         for arm in ARMS:
-            res = run_arm(arm, seed, cfg, task, train_qs, eval_qs, rewards, run.path(f"arms/{arm}-seed{seed}"))
+            res = run_arm(arm, seed, cfg, task, train_qs, eval_qs, rewards, run.path(f"arms/{arm}-seed{seed}"),
+                          prompt_format=fmt)
             results[arm].append(res)
             run.log(sum(len(v) for v in results.values()), arm=arm, seed=seed, accuracy=res["accuracy"],
                     init_weights_sha=res["init_weights_sha"],
@@ -188,7 +199,8 @@ def run_g2(cfg: G2Config, run: Run) -> dict:
     report = summarise(results, acc_before, score_before, p)
     report.update(pack_path=str(pack_path), model=cfg.model.name_or_path, layer=pack.layer,
                   pack_validation=pack.validation.get("verdict"), n_eval=len(eval_qs), n_train_questions=n_train,
-                  protocol=asdict(p), seconds=round(time.time() - t0, 1))
+                  protocol=asdict(p), prompt_format=describe(fmt, tok, eval_qs[0].prompt), pack_check=pack_check,
+                  seconds=round(time.time() - t0, 1))
     run.write_report(report, _markdown(report))
     print(f"G2: verdict {report['verdict']}; R1-R0 {report['delta_r1_r0']['mean']:+.3f}, "
           f"R1-R2 {report['delta_r1_r2']['mean']:+.3f}; hacked={report['hacked']} ({report['seconds']}s)")
@@ -215,7 +227,10 @@ def _markdown(r: dict) -> str:
         f"## Verdict: **{r['verdict']}**" + (f" — flags: {', '.join(r['flags'])}" if r["flags"] else ""), "",
         "Rule (published): R1 ≥ R0 + 2pp and R1 − R2 ≥ 5pp → PASS-EXCELLENT; first only → PASS-PARTIAL; else FAIL.", "",
         markdown_table(rows), "",
-        f"R1 − R0: {d(r['delta_r1_r0'])}", "", f"R1 − R2: {d(r['delta_r1_r2'])}", ""])
+        f"R1 − R0: {d(r['delta_r1_r0'])}", "", f"R1 − R2: {d(r['delta_r1_r2'])}", "",
+        f"Prompt format (the pack's G1 rollouts'): {r.get('prompt_format')}", ""]
+        + ([f"**The pack's G1 verdict is {r['pack_check']['verdict']}; used because allow_failed_pack=true.**", ""]
+           if (r.get("pack_check") or {}).get("refusal_overridden") else []))
 
 
 main = hydra_command("g2", G2Config, run_g2)

@@ -27,6 +27,9 @@ TRL 1.16 methods overridden (a TRL upgrade that changes them is a visible change
 
 from __future__ import annotations
 
+import json
+import os
+import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -94,6 +97,28 @@ def _adapters_active(model) -> bool:
     return not any(m.disable_adapters for m in peft.modules() if isinstance(m, BaseTunerLayer))
 
 
+def _check_mech_rewards(mech: list, model) -> None:
+    """Refuse what the capture cannot do right (each with the setting to change)."""
+    dense = [f for f in mech if f.per_token]
+    if len(dense) > 1:
+        raise ConfigError(f"{len(dense)} per-token mech rewards ({[type(f).__name__ for f in dense]}) in one trainer: "
+                          "the dense advantage has one mech term; use one per-token reward (or make the others "
+                          "trajectory rewards, per_token=False)")
+    names = [f.name for f in mech]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"mech rewards with the same name {dupes} would overwrite each other's mech/<name>_* "
+                          "metrics and captured values; set a distinct `name` on each")
+    if mech and model is not None:
+        from .prompts import absolute_positions
+
+        if absolute_positions(model):
+            raise ConfigError(f"{type(model).__name__} has absolute position embeddings (GPT-2 class): TRL scores "
+                              "left-padded prompts without position ids, so the captured residuals (and the mech "
+                              "reward) would differ from G1's right-padded capture; use a rotary-position model for "
+                              "RL with a mech reward")
+
+
 class MechGRPOTrainer(GRPOTrainer):
     """GRPOTrainer whose `HiddenStateReward`s are fed from TRL's own forward (see module docstring).
 
@@ -107,8 +132,12 @@ class MechGRPOTrainer(GRPOTrainer):
 
     def __init__(self, *args: Any, mech_lambda: float | LinearSchedule | Sequence[float] = 0.1,
                  beta_schedule: LinearSchedule | Sequence[float] | None = None,
-                 composition: str = "normalize_then_weight", **kwargs: Any):
+                 composition: str = "normalize_then_weight", prompt_format=None, **kwargs: Any):
+        funcs = kwargs.get("reward_funcs", args[1] if len(args) > 1 else None)
+        funcs = funcs if isinstance(funcs, (list, tuple)) else [funcs]
+        _check_mech_rewards([f for f in funcs if isinstance(f, HiddenStateReward)], None)  # before loading anything
         super().__init__(*args, **kwargs)
+        _check_mech_rewards([f for f in self.reward_funcs if isinstance(f, HiddenStateReward)], self.model)
         if not show_progress():
             # Not a terminal (or CI): no per-step dict printing; metrics still reach `log_history`
             # and the run's own metrics.jsonl.
@@ -118,7 +147,21 @@ class MechGRPOTrainer(GRPOTrainer):
             self.remove_callback(PrinterCallback)
         if composition not in COMPOSITIONS:
             raise ConfigError(f"unknown composition {composition!r}; expected one of {COMPOSITIONS}")
+        if composition == "trl":
+            warnings.warn("composition='trl': TRL's own advantages (multi_objective_aggregation="
+                          f"{self.multi_objective_aggregation!r}) re-normalise the weighted sum, so λ barely moves a "
+                          "group whose outcomes tie; the default 'normalize_then_weight' makes λ scale the mech term",
+                          stacklevel=2)
+        dupes = sorted({n for n in self.reward_func_names if self.reward_func_names.count(n) > 1})
+        if dupes:
+            raise ConfigError(f"reward functions with the same name {dupes} would overwrite each other's metrics "
+                              "(rewards/<name>/mean ...); give each a distinct __name__")
         self.composition = composition
+        from .prompts import PromptFormat
+
+        self.prompt_format = (prompt_format.resolve(self.processing_class) if isinstance(prompt_format, PromptFormat)
+                              else prompt_format)
+        """Resolved `PromptFormat`: string prompts are tokenised with `mechreward.prompts.encode_prompt` (None = TRL's)."""
         self.mech_lambda = as_schedule(mech_lambda, 0.1)
         self.beta_schedule = None if beta_schedule is None else as_schedule(beta_schedule, self.beta)
         if self.beta_schedule is not None and self.beta_schedule.peak != 0 and self.args.beta == 0:
@@ -136,12 +179,17 @@ class MechGRPOTrainer(GRPOTrainer):
         self.mech_layers = sorted({f.layer for _, f in self.mech_rewards})
         self._mech_armed = False
         self._mech_captured: dict[int, list[CapturedBatch]] | None = None
-        self._mech_ids: tuple[list, list] | None = None
+        self._mech_ids: tuple[list, list, list | None] | None = None
         self._mech_rewards_per_func: torch.Tensor | None = None
         self.mech_capture_log: list[str] = []
         """One entry per scored batch: `logprob_pass` or `fallback` (which forward fed the rewards)."""
         self.mech_last: dict[str, Any] = {}
         """The last batch's captured values (trajectory scores, per-token scores, mask), for tests and monitors."""
+        ds = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        sharded = getattr(self, "is_fsdp_enabled", False) or (getattr(self, "is_deepspeed_enabled", False)
+                                                               and getattr(ds, "zero_stage", 0) == 3)
+        for m in self._monitors():
+            m.all_ranks = bool(sharded)
 
     # ------------------------------------------------------------------ capture
 
@@ -185,7 +233,7 @@ class MechGRPOTrainer(GRPOTrainer):
         if not self.mech_rewards or not self._is_policy_pass(model):
             return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
                                                               batch_size, *args, **kwargs)
-        comp_mask = self._completion_mask(attention_mask, logits_to_keep)
+        comp_mask = self._model_tokens(self._completion_mask(attention_mask, logits_to_keep), logits_to_keep)
         cap = ResidualCapture(self.model, self.mech_layers, transform=self._capture_transform(comp_mask),
                               early_exit=False, accumulate=True)
         with cap:
@@ -200,7 +248,7 @@ class MechGRPOTrainer(GRPOTrainer):
         from trl.models.utils import disable_gradient_checkpointing
         from trl.trainer.utils import pad
 
-        prompt_ids_list, completion_ids_list = self._mech_ids
+        prompt_ids_list, completion_ids_list = self._mech_ids[:2]
         device = self.accelerator.device
         pad_id = self._tokenizer.pad_token_id
         p = [torch.tensor(x) for x in prompt_ids_list]
@@ -217,7 +265,7 @@ class MechGRPOTrainer(GRPOTrainer):
         input_ids = torch.cat([prompt_ids, completion_ids], 1)
         attention_mask = torch.cat([prompt_mask, completion_mask], 1)
         C = completion_ids.shape[1]
-        comp_mask = self._completion_mask(attention_mask, C)
+        comp_mask = self._model_tokens(self._completion_mask(attention_mask, C), C)
         mode = "train" if self.model.training else "eval"
         bs = self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
         cap = ResidualCapture(self.model, self.mech_layers, transform=self._capture_transform(comp_mask),
@@ -234,11 +282,92 @@ class MechGRPOTrainer(GRPOTrainer):
         self._store(cap, comp_mask[:, -C:], [list(map(int, x)) for x in completion_ids_list])
         self._mech_source = "fallback"
 
+    # ------------------------------------------------------------------ checkpoints
+
+    MECH_STATE = "mech_state.json"
+
+    def _monitors(self) -> list:
+        return [cb for cb in self.callback_handler.callbacks if isinstance(cb, HackingMonitor)]
+
+    def _schedules(self) -> dict:
+        from dataclasses import asdict
+
+        return {"lambda": asdict(self.mech_lambda),
+                "beta": None if self.beta_schedule is None else asdict(self.beta_schedule)}
+
+    def _save_checkpoint(self, model, trial):
+        """TRL's checkpoint + `mech_state.json`: the hacking monitors' state, the λ/β schedules and max_steps
+        (as TRL saves its adaptive-entropy state next to the checkpoint)."""
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+            from . import io
+
+            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            io.write_json(os.path.join(folder, self.MECH_STATE),
+                          {"step": self.state.global_step, "max_steps": self.state.max_steps,
+                           "schedules": self._schedules(), "composition": self.composition,
+                           "monitors": [m.state_dict() for m in self._monitors()],
+                           "capture_log": list(self.mech_capture_log)})
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None:
+            return
+        ts = os.path.join(checkpoint, "trainer_state.json")
+        if os.path.isfile(ts) and self.args.max_steps > 0:
+            saved = json.load(open(ts)).get("max_steps")
+            if saved is not None and saved != self.args.max_steps:
+                raise ConfigError(f"resuming {checkpoint} with max_steps={self.args.max_steps}, but that run had "
+                                  f"max_steps={saved}: the λ/β schedules and the learning-rate schedule are defined "
+                                  f"over max_steps; resume with grpo.max_steps={saved} (or start a new run)")
+        path = os.path.join(checkpoint, self.MECH_STATE)
+        if not os.path.isfile(path):
+            if self._monitors():
+                warnings.warn(f"{checkpoint} has no {self.MECH_STATE}: the hacking monitor restarts with a fresh "
+                              "baseline at the resumed step", stacklevel=2)
+            return
+        state = json.load(open(path))
+        if state["schedules"] != self._schedules():
+            raise ConfigError(f"the checkpoint {checkpoint} was trained with schedules {state['schedules']}, this run "
+                              f"asks for {self._schedules()}; resume with the same lam/lam_end/beta/beta_end")
+        monitors = self._monitors()
+        if len(state["monitors"]) != len(monitors):
+            raise ConfigError(f"the checkpoint holds {len(state['monitors'])} hacking monitor states, this run has "
+                              f"{len(monitors)} monitors; resume with the same monitor settings")
+        for m, st in zip(monitors, state["monitors"]):
+            m.load_state_dict(st)
+        self.mech_capture_log[:] = state.get("capture_log", [])
+
     # ------------------------------------------------------------------ TRL hooks
+
+    def _tokenize_prompts(self, prompts: list):
+        if self.prompt_format is None:
+            return super()._tokenize_prompts(prompts)
+        from .prompts import encode_prompt
+
+        if not all(isinstance(p, str) for p in prompts):
+            raise ConfigError("with prompt_format the dataset's `prompt` column holds the questions' text (strings); "
+                              "the format builds the conversation")
+        return [encode_prompt(self.processing_class, self.prompt_format, p) for p in prompts], None, {}
 
     def _generate(self, prompts: list):
         out = super()._generate(prompts)
-        self._mech_ids = ([list(map(int, x)) for x in out[0]], [list(map(int, x)) for x in out[1]])
+        tool_mask = None if out[2] is None else [list(map(int, m)) for m in out[2]]
+        self._mech_ids = ([list(map(int, x)) for x in out[0]], [list(map(int, x)) for x in out[1]], tool_mask)
+        return out
+
+    def _model_tokens(self, comp_mask: torch.Tensor, width: int) -> torch.Tensor:
+        """`comp_mask [B, T]` without tool-result / environment tokens (TRL's tool_mask = 0) in its last `width` columns."""
+        tool_mask = self._mech_ids[2] if self._mech_ids is not None else None
+        if tool_mask is None:
+            return comp_mask
+        tm = torch.zeros(comp_mask.shape[0], width, dtype=torch.bool, device=comp_mask.device)
+        for b, m in enumerate(tool_mask):
+            tm[b, :len(m)] = torch.tensor(m, dtype=torch.bool)
+        out = comp_mask.clone()
+        out[:, out.shape[1] - width:] &= tm
         return out
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
@@ -291,7 +420,48 @@ class MechGRPOTrainer(GRPOTrainer):
             self._metrics[mode]["mech/lambda"].append(lam)
             self._metrics[mode]["mech/beta"].append(float(self.beta))
             self._dense_and_log(output, rewards, G, lam, offset, mode)
+        if self.composition == "normalize_then_weight":
+            self._log_composed(output, G, mode)
         return output
+
+    def _log_composed(self, output: dict, G: int, mode: str) -> None:
+        """Replace what TRL logged from its own pre-composition advantages by the advantages the loss uses.
+
+        The completions table / rich printout / parquet column `advantage` gets the composed advantage
+        (per-token mode: its mean over the completion's real tokens, and the per-token values in the
+        extra column `dense_advantage`); `reward_std` becomes the batch std of that advantage and
+        `frac_reward_zero_std` the fraction of groups whose composed advantages have no spread (no
+        learning signal). TRL's own values stay as `trl/reward_std` and `trl/frac_reward_zero_std`.
+        """
+        from accelerate.utils import gather_object
+
+        adv = output["advantages"].float()
+        if adv.dim() == 2:
+            mask = output["completion_mask"].bool()
+            if output.get("tool_mask") is not None:
+                mask = mask & output["tool_mask"].bool()
+            stats = self.accelerator.gather(token_group_stats(adv, mask))  # [B_all, 3]
+            per_row = (stats[:, 0] / stats[:, 2].clamp(min=1)).float()
+            g = stats.view(-1, G, 3).sum(1)
+            n = g[:, 2]
+            mean = g[:, 0] / n.clamp(min=1)
+            spread = ((g[:, 1] - n * mean * mean) / (n - 1).clamp(min=1)).clamp(min=0).sqrt()
+            dense = gather_object([adv[b][mask[b]].tolist() for b in range(adv.shape[0])])
+            self._logs["extra"]["dense_advantage"].extend(dense)
+        else:
+            per_row = self.accelerator.gather(adv)
+            spread = per_row.view(-1, G).std(1) if G > 1 else torch.zeros(per_row.numel())
+        n_all = per_row.numel()
+        logged = self._logs["advantages"]
+        for _ in range(min(n_all, len(logged))):
+            logged.pop()
+        logged.extend(per_row.cpu().tolist())
+        m = self._metrics[mode]
+        for key, value in (("reward_std", float(per_row.std()) if n_all > 1 else 0.0),
+                           ("frac_reward_zero_std", float((spread.float() < 1e-8).float().mean()))):
+            if m.get(key):
+                m[f"trl/{key}"].append(m[key].pop())
+            m[key].append(value)
 
     def _dense_and_log(self, output: dict, rewards: torch.Tensor, G: int, lam: float, offset: int, mode: str) -> None:
         mask = output["completion_mask"].bool()  # [B, C]
@@ -324,20 +494,23 @@ class MechGRPOTrainer(GRPOTrainer):
 @torch.no_grad()
 def evaluate_policy(model, tokenizer, questions, task, reward: HiddenStateReward | None = None, n: int = 1,
                     greedy: bool = True, max_new_tokens: int = 64, batch_size: int = 64, seed: int = 0,
-                    temperature: float = 1.0, chat: bool = False) -> dict:
+                    temperature: float = 1.0, chat: bool = False, prompt_format=None) -> dict:
     """Sample on `questions`, grade, and score each completion with `reward` on the exact sampled ids.
 
-    Returns accuracy, per-completion `correct [R]` and `score [R]` (trajectory mech score, teacher-forced
-    right-padded pass with early exit at the reward's layer), their means and Spearman ρ (None if undefined).
+    Prompts: `prompt_format` (a `mechreward.prompts.PromptFormat`; None = the bare `chat` on/off), tokenised by
+    `encode_prompt` as in G1 and in `MechGRPOTrainer`.
+    Returns accuracy, the `prompt_ids` fed, per-completion `correct [R]` and `score [R]` (trajectory mech score,
+    teacher-forced right-padded pass with early exit at the reward's layer), their means and Spearman ρ (None if
+    undefined).
     """
     from .generate import sample
-    from .rollouts import prompt_ids
+    from .prompts import prompt_ids
     from .stats import spearman
 
     was_training = model.training
     model.eval()
     try:
-        prompts = prompt_ids(tokenizer, questions, chat)  # as G1 builds them (chat template when `chat`)
+        prompts = prompt_ids(tokenizer, questions, chat if prompt_format is None else prompt_format)  # as G1
         samples = sample(model, tokenizer, prompts, n=n, greedy=greedy, temperature=temperature,
                          max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)
         correct = np.array([task.verify(s.text, questions[s.prompt_index].answer) for s in samples], dtype=float)
@@ -367,7 +540,7 @@ def evaluate_policy(model, tokenizer, questions, task, reward: HiddenStateReward
     ok = np.isfinite(scores)
     if reward is not None and ok.sum() > 2 and 0 < correct[ok].mean() < 1 and np.std(scores[ok]) > 0:
         rho = float(spearman(scores[ok], correct[ok]).stat)
-    return {"accuracy": float(correct.mean()) if len(correct) else float("nan"), "correct": correct,
+    return {"accuracy": float(correct.mean()) if len(correct) else float("nan"), "correct": correct, "prompt_ids": prompts,
             "score": scores, "score_mean": float(np.nanmean(scores)) if ok.any() else None, "rho": rho,
             "n": int(len(samples))}
 
@@ -375,36 +548,62 @@ def evaluate_policy(model, tokenizer, questions, task, reward: HiddenStateReward
 class HackingMonitor(TrainerCallback):
     """Every `every` steps (and at the start): held-out accuracy, mean mech score and the G1 correlation
     ρ(score, correct) on held-out questions; canary hack rate; a HACKING flag when the mech score has
-    risen while held-out accuracy has fallen, relative to the first evaluation.
+    risen (by more than `score_tolerance`) while held-out accuracy has fallen by more than
+    `acc_tolerance` (default 0.02 = 2 pp, G2's tolerance), relative to the first evaluation.
 
     A canary "hack" is a canary completion the verifier rejects whose mech score is at least the
     threshold (default: the mean score of correct held-out completions at the first evaluation):
     reward the proxy gives to a wrong answer as if it were right.
+
+    Runs on the main process only (other ranks skip it); with sharded parameters (FSDP, ZeRO-3), where
+    a forward needs every rank, `MechGRPOTrainer` sets `all_ranks=True`: every rank runs the same greedy
+    evaluation and only the main process logs. `state_dict()` / `load_state_dict()` hold
+    everything a resumed run needs (baseline = first evaluation, threshold, history, flag);
+    `MechGRPOTrainer` saves it into every checkpoint (`mech_state.json`) and restores it on resume.
     """
 
+    STATE_KEYS = ("history", "hacking", "canary_threshold", "acc_tol", "score_tol", "every")
+
     def __init__(self, tokenizer, task, heldout, reward: HiddenStateReward, every: int = 10, canaries=None,
-                 canary_threshold: float | None = None, acc_tolerance: float = 0.0, score_tolerance: float = 0.0,
-                 max_new_tokens: int = 64, greedy: bool = True, run=None, batch_size: int = 64, chat: bool = False):
+                 canary_threshold: float | None = None, acc_tolerance: float = 0.02, score_tolerance: float = 0.0,
+                 max_new_tokens: int = 64, greedy: bool = True, run=None, batch_size: int = 64, chat: bool = False,
+                 prompt_format=None):
         self.tokenizer, self.task, self.heldout, self.reward = tokenizer, task, list(heldout), reward
         self.every, self.canaries = every, list(canaries or [])
         self.canary_threshold = canary_threshold
         self.acc_tol, self.score_tol = acc_tolerance, score_tolerance
         self.max_new_tokens, self.greedy, self.run, self.batch_size = max_new_tokens, greedy, run, batch_size
         self.chat = chat
+        self.prompt_format = prompt_format
+        self.all_ranks = False
+        """Evaluate on every rank (sharded parameters); set by MechGRPOTrainer."""
         self.history: list[dict] = []
         self.hacking = False
+        self._main = True
+
+    def state_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.STATE_KEYS}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k in ("acc_tol", "score_tol", "every"):
+            if k in state and state[k] != getattr(self, k):
+                raise ConfigError(f"the checkpoint's hacking monitor ran with {k}={state[k]!r}, this run asks for "
+                                  f"{getattr(self, k)!r}; resume with the same setting")
+        self.history = [dict(r) for r in state["history"]]
+        self.hacking = bool(state["hacking"])
+        self.canary_threshold = state["canary_threshold"]
 
     def evaluate(self, model, step: int) -> dict:
-        ev = evaluate_policy(model, self.tokenizer, self.heldout, self.task, self.reward, greedy=self.greedy,
-                             max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, chat=self.chat)
+        kw = dict(greedy=self.greedy, max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, chat=self.chat,
+                  prompt_format=self.prompt_format)
+        ev = evaluate_policy(model, self.tokenizer, self.heldout, self.task, self.reward, **kw)
         row = {"step": step, "heldout_accuracy": ev["accuracy"], "heldout_score_mean": ev["score_mean"],
                "heldout_rho": ev["rho"], "n_heldout": ev["n"]}
         if self.canary_threshold is None and not self.history:
             good = ev["score"][ev["correct"] == 1]
             self.canary_threshold = float(np.nanmean(good)) if good.size else float(np.nanmean(ev["score"]))
         if self.canaries:
-            cv = evaluate_policy(model, self.tokenizer, self.canaries, self.task, self.reward, greedy=self.greedy,
-                                 max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, chat=self.chat)
+            cv = evaluate_policy(model, self.tokenizer, self.canaries, self.task, self.reward, **kw)
             hacks = (cv["correct"] == 0) & (cv["score"] >= self.canary_threshold)
             row.update(canary_hack_rate=float(hacks.mean()), canary_accuracy=cv["accuracy"], n_canary=cv["n"])
         if self.history:
@@ -415,26 +614,32 @@ class HackingMonitor(TrainerCallback):
             row["hacking"] = bool(rose and fell)
         else:
             row["hacking"] = False
-        if row["hacking"] and not self.hacking:
+        if row["hacking"] and not self.hacking and self._main:
             print(f"HACKING at step {step}: held-out mech score {base['heldout_score_mean']:.4g} -> "
                   f"{row['heldout_score_mean']:.4g} while accuracy {base['heldout_accuracy']:.3f} -> "
-                  f"{row['heldout_accuracy']:.3f}")
+                  f"{row['heldout_accuracy']:.3f} (tolerance {self.acc_tol:g})")
         self.hacking = self.hacking or row["hacking"]
         self.history.append(row)
-        if self.run is not None:
+        if self.run is not None and self._main:
             self.run.log(step, **{f"monitor/{k}": v for k, v in row.items() if k != "step"})
         return row
 
+    def _runs_here(self, state) -> bool:
+        self._main = bool(state.is_world_process_zero)
+        return self._main or self.all_ranks
+
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if not self.history and self.every > 0:
+        if self._runs_here(state) and not self.history and self.every > 0:
             self.evaluate(model, state.global_step)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        if self.every > 0 and state.global_step % self.every == 0 and state.global_step > 0:
+        if (self._runs_here(state) and self.every > 0 and state.global_step % self.every == 0
+                and state.global_step > 0 and not any(r["step"] == state.global_step for r in self.history)):
             self.evaluate(model, state.global_step)
 
     def report(self) -> dict:
-        return {"hacking": self.hacking, "evaluations": self.history,
+        return {"hacking": self.hacking, "evaluations": self.history, "acc_tolerance": self.acc_tol,
+                "score_tolerance": self.score_tol,
                 "hacking_steps": [r["step"] for r in self.history if r.get("hacking")]}
 
 

@@ -221,7 +221,8 @@ def run_layermap(cfg: LayermapConfig, run: Run) -> dict:
               "recommended_layer": recommended, "recommendation": why, "marker_token_ids": marker_ids,
               "logit_lens": "final norm + LM head on the response-mean residual of each layer",
               "n_responses": len(rs), "n_correct": int(labels.sum()), "accuracy": float(labels.mean()),
-              "model": cfg.model.name_or_path, "rollouts_dir": str(rs.dir), "seconds": round(time.time() - t0, 1)}
+              "model": cfg.model.name_or_path, "rollouts_dir": str(rs.dir), "prompt_format": rs.header.get("prompt_format"),
+              "seconds": round(time.time() - t0, 1)}
     md = ["# S4-L0 layer map", "",
           f"model `{cfg.model.name_or_path}`, {len(rs)} responses ({int(labels.sum())} correct), "
           f"{'greedy' if cfg.sampling.greedy else 'sampled'} decoding", "",

@@ -360,3 +360,43 @@ def dense_advantages(advantages: torch.Tensor, scores: torch.Tensor, mask: torch
     m = mask.to(torch.float64)
     out = (advantages.to(torch.float64)[:, None] + lam * z) * m
     return out.to(advantages.dtype)
+
+
+# --------------------------------------------------------------------------- pack checks (every command taking a pack)
+
+def check_pack_fits(pack, model_name: str, n_layers: int, d_model: int, sae=None) -> None:
+    """MismatchError, naming both sides, unless the pack was built for this model, a layer it has, its hidden
+    size, and (with `sae`) this SAE (sha256, width, recorded layer)."""
+    from .models import normalize_layer
+
+    if pack.model != model_name:
+        raise MismatchError(f"the pack was built for model {pack.model!r}, this run loads {model_name!r} "
+                            "(model.name_or_path); use the pack G1 made for this model")
+    if not -n_layers <= int(pack.layer) < n_layers:
+        raise MismatchError(f"the pack reads layer {pack.layer}, model {model_name!r} has {n_layers} layers")
+    if pack.sae.get("d_in") is not None and int(pack.sae["d_in"]) != int(d_model):
+        raise MismatchError(f"the pack's SAE reads d_in={pack.sae['d_in']}, model {model_name!r} has hidden size "
+                            f"{d_model}")
+    if sae is not None:
+        pack.check(sae)  # sha256 and d_sae
+        layer = sae.cfg.metadata.get("layer")
+        if isinstance(layer, int) and normalize_layer(layer, n_layers) != normalize_layer(int(pack.layer), n_layers):
+            raise MismatchError(f"the SAE {sae.cfg.metadata.get('path')} hooks layer {layer}, the pack reads layer "
+                                f"{pack.layer}")
+
+
+def check_pack_verdict(pack, allow: bool, flag: str = "allow_failed_pack") -> dict:
+    """Refuse a pack G1 failed (verdict FAIL) or never validated unless `allow` (the setting `flag`);
+    returns what the report records: verdict and whether the refusal was overridden."""
+    verdict = (pack.validation or {}).get("verdict")
+    bad = verdict is None or verdict == "FAIL"
+    if bad and not allow:
+        what = "never validated by G1" if verdict is None else "failed G1 (verdict FAIL)"
+        raise DataError(f"the feature pack ({pack.model}, layer {pack.layer}) {what}; a reward from it is not "
+                        f"validated. Set {flag}=true to use it anyway (the report will say so)")
+    if bad:
+        import warnings
+
+        warnings.warn(f"using a feature pack with G1 verdict {verdict} because {flag}=true", stacklevel=2)
+    return {"verdict": verdict, "flags": (pack.validation or {}).get("flags"), "refusal_overridden": bool(bad),
+            flag: bool(allow)}

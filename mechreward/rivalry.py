@@ -40,7 +40,8 @@ from .cli import hydra_command
 from .errors import ConfigError, DataError
 from .generate import sample
 from .models import ModelConfig, ResidualCapture, load_model, num_layers
-from .rollouts import SAERef, layers_sae, load_sae_for, prompt_ids, sae_reference, use_chat_template
+from .prompts import PromptFormat, describe, prompt_ids
+from .rollouts import SAERef, layers_sae, load_sae_for, sae_reference
 from .run import Run, markdown_table, progress
 from .tasks import TaskConfig, load_task
 
@@ -69,7 +70,8 @@ class RivalryConfig:
     n_perm: int = 200
     """Question-label permutations for the p-value of the 5th-percentile difference (0 = off)."""
     batch_size: int = 160
-    chat_template: bool | None = None
+    prompt: PromptFormat = field(default_factory=PromptFormat)
+    """Prompt format (chat template on/off/auto, system prompt, template): `mechreward.prompts`."""
     seed: int = 0
 
 
@@ -226,8 +228,8 @@ def run_rivalry(cfg: RivalryConfig, run: Run) -> dict:
     layer = layers_sae(sae, num_layers(model))
     task = load_task(cfg.task)
     qs = list(task.questions)
-    chat = use_chat_template(tokenizer, cfg.chat_template)
-    prompts = prompt_ids(tokenizer, qs, chat)
+    fmt = cfg.prompt.resolve(tokenizer)
+    prompts = prompt_ids(tokenizer, qs, fmt)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     new_tokens = {"first_token": 1, "first_content_token": 4}.get(cfg.entropy_of, cfg.max_new_tokens)
     outcomes: list[list] = [[] for _ in qs]
@@ -254,6 +256,7 @@ def run_rivalry(cfg: RivalryConfig, run: Run) -> dict:
     report.update({
         "supports_rivalry": bool(res["p5_ambiguous"] < res["p5_unambiguous"] and res["mannwhitney_p"] < 0.05),
         "model": cfg.model.name_or_path, "layer": layer, "sae": sae_reference(sae), "n_questions": len(qs),
+        "prompt_format": describe(fmt),
         "n_ambiguous": int(ambiguous.sum()), "n_unambiguous": int((~ambiguous).sum()),
         "entropy_of": cfg.entropy_of, "entropy_threshold": threshold,
         "entropy_mean_ambiguous": float(entropy[ambiguous].mean()),

@@ -6,8 +6,12 @@ key that is not a GRPOConfig field is an error naming it). The mech reward is th
 score (`reward=sae`, trajectory or `per_token=true`), the raw direction (`reward=direction`) or
 none (`reward=none`: outcome only); λ and β schedules are linear (`lam`→`lam_end`,
 `grpo.beta`→`beta_end`). Every `eval_every` steps the hacking monitor evaluates held-out
-accuracy, the G1 correlation and canary hack rate. Checkpoints every `grpo.save_steps` into
-`<run dir>/checkpoints` (or `output_dir`); `resume=true` continues from the latest one there.
+accuracy, the G1 correlation and canary hack rate on `eval_task` minus every question the
+pack's G1 saw. The pack must belong to the model/SAE and have passed G1 (`allow_failed_pack`);
+prompts use the pack's G1 prompt format (`mechreward.prompts`). Checkpoints every
+`grpo.save_steps` into `<run dir>/checkpoints` (or `output_dir`), each with the monitor's state
+and the schedules (`mech_state.json`); `resume=true` continues from the latest one there with
+the monitor restored (a changed `grpo.max_steps` is refused).
 
 With no arguments: the organism on arithmetic with its G1 pack, a short CPU run.
 Preset: `+recipe=g3_qwen35_4b_gsm8k` (the published G3 run).
@@ -21,7 +25,8 @@ from pathlib import Path
 
 from .cli import hydra_command
 from .errors import ConfigError, DataError
-from .models import ModelConfig, load_model, resolve_device
+from .models import ModelConfig, find_layers, hidden_size, load_model, resolve_device
+from .prompts import PromptFormat, describe
 from .run import Run
 from .tasks import TaskConfig, load_task
 
@@ -51,7 +56,11 @@ class RLConfig:
     n_canaries: int = 0
     """Canary prompts: the last `n_canaries` questions of `eval_task` (kept out of the held-out set)."""
     pack: str | None = None
-    """Feature pack; null = the latest G1 run's pack of this model (reward=none needs none)."""
+    """Feature pack; null = the latest G1 run's pack of this model (reward=none needs none).
+    Every question the pack saw (its G1 discovery and validation ids) is removed from `eval_task`
+    before the held-out set and the canaries are taken."""
+    allow_failed_pack: bool = False
+    """Train with a pack whose G1 verdict is FAIL or that G1 never validated (refused otherwise; reported)."""
     sae_path: str | None = None
     reward: str = "sae"
     """`sae` (the pack's SAE score), `direction` (raw diff-of-means baseline) or `none` (outcome only)."""
@@ -63,8 +72,14 @@ class RLConfig:
     beta_end: float | None = None
     """β at the last step (linear from grpo.beta); null = constant."""
     lora: LoraSettings = field(default_factory=LoraSettings)
-    chat_template: bool | None = None
-    """Conversational prompts through the tokenizer's chat template; null = when it has one."""
+    prompt: PromptFormat = field(default_factory=PromptFormat)
+    """Prompt format (`mechreward.prompts`). With a pack the pack's G1 format is used; a different one here is
+    an error. Used as given only with reward=none."""
+    composition: str = "normalize_then_weight"
+    """How rewards become advantages: `normalize_then_weight` (λ scales the mech term) or `trl` (TRL's own
+    multi_objective_aggregation; warned, trajectory rewards only)."""
+    hacking_tolerance: float = 0.02
+    """HACKING flag: held-out accuracy must fall by more than this (2 pp, as G2) while the mech score rises."""
     grpo: dict = field(default_factory=dict)
     """GRPOConfig overrides by their TRL names."""
     eval_every: int = 10
@@ -100,8 +115,36 @@ def build_grpo_args(cfg: RLConfig, output_dir: str):
     return grpo_config(base, overrides)
 
 
-def _prompt(q, chat: bool):
-    return [{"role": "user", "content": q.prompt}] if chat else q.prompt
+def pack_questions(pack) -> set[str]:
+    """Every question id the pack's G1 saw (discovery + validation)."""
+    prov = pack.provenance or {}
+    return set(prov.get("discovery") or []) | set(prov.get("validation") or [])
+
+
+def split_eval(questions, pack, n_canaries: int) -> tuple[list, list, int]:
+    """(held-out, canaries, n removed): `questions` minus the pack's G1 questions, the last `n_canaries` as canaries."""
+    used = pack_questions(pack) if pack is not None else set()
+    qs = [q for q in questions if q.id not in used]
+    removed = len(questions) - len(qs)
+    canaries = qs[len(qs) - n_canaries:] if n_canaries else []
+    heldout = qs[:len(qs) - n_canaries] if n_canaries else qs
+    if not heldout:
+        raise DataError(f"no held-out questions left: eval_task has {len(questions)}, {removed} were the pack's G1 "
+                        f"questions, {n_canaries} are canaries; raise eval_task.n")
+    return heldout, canaries, removed
+
+
+def run_format(cfg: RLConfig, pack, tokenizer) -> PromptFormat:
+    """The pack's G1 prompt format (a different `prompt:` setting is an error); `cfg.prompt` without a pack."""
+    from .prompts import format_of_pack
+
+    if pack is None:
+        return cfg.prompt.resolve(tokenizer)
+    fmt = format_of_pack(pack).resolve(tokenizer)
+    if cfg.prompt != PromptFormat() and not cfg.prompt.resolve(tokenizer).same_as(fmt):
+        raise ConfigError(f"prompt={cfg.prompt.to_dict()} differs from the format the pack's G1 rollouts used "
+                          f"({fmt.to_dict()}); RL must feed the prompts G1 validated: drop the prompt setting")
+    return fmt
 
 
 def run_rl(cfg: RLConfig, run: Run) -> dict:
@@ -117,41 +160,46 @@ def run_rl(cfg: RLConfig, run: Run) -> dict:
         report = {"dry_run": True, "grpo": {**{k: getattr(args, k) for k in sorted(set(DEFAULT_GRPO) | set(cfg.grpo))},
                                             **cfg.grpo},
                   "model": cfg.model.name_or_path, "task": cfg.task.name, "reward": cfg.reward,
-                  "per_token": cfg.per_token, "lam": cfg.lam, "lora": asdict(cfg.lora)}
+                  "per_token": cfg.per_token, "lam": cfg.lam, "lora": asdict(cfg.lora), "composition": cfg.composition,
+                  "hacking_tolerance": cfg.hacking_tolerance, "allow_failed_pack": cfg.allow_failed_pack,
+                  "prompt": asdict(cfg.prompt)}
         run.write_report(report)
         print(f"rl dry run: {report}")
         return report
 
     model, tokenizer = load_model(cfg.model)
-    from .rollouts import use_chat_template
-
-    chat = use_chat_template(tokenizer, cfg.chat_template)
     task = load_task(cfg.task)
     eval_task = load_task(cfg.eval_task)
-    eval_qs = eval_task.questions
-    canaries = eval_qs[len(eval_qs) - cfg.n_canaries:] if cfg.n_canaries else []
-    heldout = eval_qs[:len(eval_qs) - cfg.n_canaries] if cfg.n_canaries else eval_qs
-    if not heldout:
-        raise DataError("no held-out questions left after taking the canaries")
 
     mech = None
-    pack_path = None
+    pack_path = pack = None
+    pack_check = None
     if cfg.reward != "none":
         from .g2 import find_pack
         from .probe import FeaturePack
+        from .reward import check_pack_fits, check_pack_verdict
 
-        pack_path = cfg.pack or find_pack(cfg.model.name_or_path)
+        pack_path = cfg.pack or find_pack(cfg.model.name_or_path, allow_fail=cfg.allow_failed_pack)
         if pack_path is None:
             raise DataError(f"no feature pack given and no G1 pack of {cfg.model.name_or_path!r} under runs/g1: "
                             "run `python -m mechreward.g1` first or pass pack=<file>")
+        pack = FeaturePack.load(pack_path)
+        pack_check = check_pack_verdict(pack, cfg.allow_failed_pack, "allow_failed_pack")
         device = resolve_device(cfg.model.device)
         if cfg.reward == "sae":
             mech = SAEFeatureReward.from_pack(pack_path, cfg.sae_path, device=device, per_token=cfg.per_token)
         else:
-            mech = DirectionReward.from_pack(FeaturePack.load(pack_path), per_token=cfg.per_token).to(device)
+            mech = DirectionReward.from_pack(pack, per_token=cfg.per_token).to(device)
+        check_pack_fits(pack, cfg.model.name_or_path, len(find_layers(model)), hidden_size(model),
+                        getattr(mech, "sae", None))
+    fmt = run_format(cfg, pack, tokenizer)
+    heldout, canaries, n_removed = split_eval(eval_task.questions, pack, cfg.n_canaries)
+    if n_removed:
+        print(f"rl: {n_removed} eval_task questions were the pack's G1 questions; held out: {len(heldout)}, "
+              f"canaries: {len(canaries)}")
     from datasets import Dataset
 
-    ds = Dataset.from_list([{"prompt": _prompt(q, chat), "answer": q.answer} for q in task.questions])
+    ds = Dataset.from_list([{"prompt": q.prompt, "answer": q.answer} for q in task.questions])
     peft_config = None
     if cfg.lora.enabled:
         from peft import LoraConfig
@@ -162,14 +210,15 @@ def run_rl(cfg: RLConfig, run: Run) -> dict:
     monitor = None
     if mech is not None and cfg.eval_every > 0:
         monitor = HackingMonitor(tokenizer, eval_task, heldout, mech, every=cfg.eval_every, canaries=canaries,
-                                 max_new_tokens=cfg.eval_max_new_tokens, run=run, chat=chat)
+                                 max_new_tokens=cfg.eval_max_new_tokens, run=run, prompt_format=fmt,
+                                 acc_tolerance=cfg.hacking_tolerance)
         callbacks.append(monitor)
     funcs = [OutcomeReward(task)] + ([mech] if mech is not None else [])
     beta_schedule = None if cfg.beta_end is None else [args.beta, cfg.beta_end]
     trainer = MechGRPOTrainer(model, reward_funcs=funcs, args=args, train_dataset=ds, processing_class=tokenizer,
                               peft_config=peft_config, callbacks=callbacks,
                               mech_lambda=[cfg.lam, cfg.lam if cfg.lam_end is None else cfg.lam_end],
-                              beta_schedule=beta_schedule)
+                              beta_schedule=beta_schedule, composition=cfg.composition, prompt_format=fmt)
     resume = None
     if cfg.resume:
         from transformers.trainer_utils import get_last_checkpoint
@@ -182,17 +231,25 @@ def run_rl(cfg: RLConfig, run: Run) -> dict:
     for row in trainer.state.log_history:
         run.log(int(row.get("step", 0)), **{k: v for k, v in row.items() if k != "step"})
     final = evaluate_policy(trainer.model, tokenizer, heldout, eval_task, mech, greedy=True,
-                            max_new_tokens=cfg.eval_max_new_tokens, chat=chat)
+                            max_new_tokens=cfg.eval_max_new_tokens, prompt_format=fmt)
     trainer.save_model(str(Path(output_dir) / "final"))
     report = {"model": cfg.model.name_or_path, "task": cfg.task.name, "reward": cfg.reward, "per_token": cfg.per_token,
               "pack_path": None if pack_path is None else str(pack_path), "steps": trainer.state.global_step,
               "resumed_from": resume, "heldout_accuracy": final["accuracy"], "heldout_mech_score": final["score_mean"],
               "heldout_rho": final["rho"], "n_heldout": final["n"], "monitor": monitor.report() if monitor else None,
               "hacking": bool(monitor and monitor.hacking), "capture": trainer.mech_capture_log[-1:] or None,
+              "composition": cfg.composition, "hacking_tolerance": cfg.hacking_tolerance,
+              "prompt_format": describe(fmt, tokenizer, heldout[0].prompt), "pack_check": pack_check,
+              "n_eval_removed_as_pack_questions": n_removed, "n_canaries": len(canaries),
+              "max_steps": trainer.state.max_steps,
               "output_dir": output_dir, "seconds": round(time.time() - t0, 1)}
     md = ["# G3 RL run", "", f"model `{report['model']}`, task `{report['task']}`, reward `{cfg.reward}`"
           f"{' (per-token)' if cfg.per_token else ''}, {report['steps']} steps; held-out accuracy "
-          f"{final['accuracy']:.3f} (n={final['n']})" + ("; **HACKING flagged**" if report["hacking"] else ""), ""]
+          f"{final['accuracy']:.3f} (n={final['n']}, after removing {n_removed} questions the pack's G1 saw)"
+          + ("; **HACKING flagged**" if report["hacking"] else "") + f" (accuracy tolerance {cfg.hacking_tolerance:g})",
+          "", f"composition `{cfg.composition}`; prompt format {describe(fmt)}", ""]
+    if pack_check and pack_check["refusal_overridden"]:
+        md += [f"**The pack's G1 verdict is {pack_check['verdict']}; used because allow_failed_pack=true.**", ""]
     run.write_report(report, "\n".join(md))
     print(f"rl: {report['steps']} steps, held-out accuracy {final['accuracy']:.3f}, hacking={report['hacking']}")
     return report

@@ -37,6 +37,7 @@ from .cli import hydra_command
 from .errors import ConfigError, DataError, MismatchError, ShapeError
 from .generate import Sample, sample
 from .models import ModelConfig, ResidualCapture, find_layers, hidden_size, load_model, normalize_layer
+from .prompts import PromptFormat, describe, encode_prompt, prompt_ids, use_chat_template  # noqa: F401 (moved)
 from .run import Run, progress
 from .tasks import Question, TaskConfig, load_task
 
@@ -66,8 +67,8 @@ class SamplingConfig:
     """Sequences per `generate` call and per teacher-forced forward."""
     backend: str = "hf"
     """`hf` (transformers generate) or `vllm` (needs the `[vllm]` extra)."""
-    chat_template: bool | None = None
-    """Wrap prompts in the tokenizer's chat template. None = when the tokenizer has one."""
+    prompt: PromptFormat = field(default_factory=PromptFormat)
+    """Prompt format (chat template on/off/auto, system prompt, template): `mechreward.prompts`."""
 
 
 @dataclass
@@ -214,31 +215,6 @@ def sae_reference(sae) -> dict | None:
 
 # --------------------------------------------------------------------------- prompts and sampling
 
-def use_chat_template(tokenizer, setting: bool | None) -> bool:
-    has = bool(getattr(tokenizer, "chat_template", None))
-    if setting and not has:
-        raise ConfigError("sampling.chat_template=true but the tokenizer has no chat template")
-    return has if setting is None else bool(setting)
-
-
-def prompt_ids(tokenizer, questions: Sequence[Question], chat: bool) -> list[list[int]]:
-    """Token ids of each question's prompt (chat-templated with a generation prompt when `chat`)."""
-    out = []
-    for q in questions:
-        if chat:
-            ids = tokenizer.apply_chat_template([{"role": "user", "content": q.prompt}], add_generation_prompt=True,
-                                                tokenize=True)
-            if hasattr(ids, "keys"):  # BatchEncoding
-                ids = ids["input_ids"]
-            ids = list(ids[0]) if ids and isinstance(ids[0], list) else list(ids)
-        else:
-            ids = tokenizer(q.prompt, add_special_tokens=False)["input_ids"]
-        if not ids:
-            raise DataError(f"question {q.id!r} has an empty prompt after tokenisation")
-        out.append([int(i) for i in ids])
-    return out
-
-
 def _sample_vllm(model_cfg: ModelConfig, tokenizer, prompts: list[list[int]], cfg: SamplingConfig,
                  seed: int) -> list[Sample]:
     try:
@@ -360,14 +336,17 @@ def capture(model, samples: Sequence[Sample], layers: Sequence[int], sae=None, s
 
 # --------------------------------------------------------------------------- the rollout store
 
-def _header(cfg: RolloutsConfig, model, layers: list[int], sae, chat: bool) -> dict:
+def _header(cfg: RolloutsConfig, model, layers: list[int], sae, fmt: PromptFormat, tokenizer=None,
+            example: str | None = None) -> dict:
     task = asdict(cfg.task)
     task.pop("n", None)  # more questions may be appended later
     return {"schema": SCHEMA, "version": VERSION, "model": cfg.model.name_or_path, "d_model": hidden_size(model),
             "n_layers": len(find_layers(model)), "layers": layers, "sae": sae_reference(sae),
             "sae_layer": None if sae is None else layers_sae(sae, len(find_layers(model))),
             "task": task, "sampling": {k: v for k, v in asdict(cfg.sampling).items() if k != "batch_size"},
-            "chat_template": chat, "store_token_codes": cfg.store_token_codes, "seed": cfg.seed,
+            "chat_template": fmt.chat, "prompt_format": describe(fmt),
+            "prompt_example": None if example is None else tokenizer.decode(encode_prompt(tokenizer, fmt, example)),
+            "store_token_codes": cfg.store_token_codes, "seed": cfg.seed,
             "poolings": list(POOLINGS), "resid_poolings": list(RESID_POOLINGS)}
 
 
@@ -379,7 +358,7 @@ def layers_sae(sae, n_layers: int) -> int:
 
 
 def _compare_headers(old: dict, new: dict, where: Path) -> None:
-    for key in ("schema", "model", "d_model", "layers", "sae_layer", "task", "sampling", "chat_template",
+    for key in ("schema", "model", "d_model", "layers", "sae_layer", "task", "sampling", "chat_template", "prompt_format",
                 "store_token_codes", "seed"):
         if old.get(key) != new.get(key):
             raise MismatchError(f"rollouts at {where} were made with {key}={old.get(key)!r}, "
@@ -419,9 +398,9 @@ def generate_rollouts(cfg: RolloutsConfig, run: Run, model=None, tokenizer=None,
         layers = sorted(set(layers) | {layers_sae(sae, n_layers)})
     if not layers:
         raise ConfigError("no layers to capture: give layers=[...] or an SAE")
-    chat = use_chat_template(tokenizer, cfg.sampling.chat_template)
+    fmt = cfg.sampling.prompt.resolve(tokenizer)
     out_dir = Path(cfg.output) if cfg.output else run.path("rollouts")
-    header = _header(cfg, model, layers, sae, chat)
+    header = _header(cfg, model, layers, sae, fmt, tokenizer, questions[0].prompt if questions else None)
     manifest = out_dir / MANIFEST
     if manifest.exists():
         _compare_headers(json.loads(manifest.read_text()), header, out_dir)
@@ -444,7 +423,7 @@ def generate_rollouts(cfg: RolloutsConfig, run: Run, model=None, tokenizer=None,
         qs = todo[i:i + per]
         shard_no = next_shard + i // per
         t0 = time.time()
-        prompts = prompt_ids(tokenizer, qs, chat)
+        prompts = prompt_ids(tokenizer, qs, fmt)
         samples = draw_samples(model, tokenizer, cfg.model, prompts, cfg.sampling, seed=cfg.seed + 1000 * shard_no)
         tensors = capture(model, samples, layers, sae, header["sae_layer"], batch_size=cfg.sampling.batch_size,
                           token_codes=cfg.store_token_codes, pad_id=pad_id)
@@ -582,7 +561,8 @@ def run_rollouts(cfg: RolloutsConfig, run: Run) -> dict:
     report = {"rollouts_dir": str(out), "n_rollouts": len(rs), "n_questions": int(np.unique(rs.question_ids).size),
               "accuracy": float(lab.mean()), "mean_length": float(rs.lengths.mean()),
               "truncated_fraction": float(np.mean([r["finish_reason"] == "length" for r in rs.records])),
-              "layers": rs.layers, "sae": rs.header.get("sae"), "model": rs.model, "seconds": round(time.time() - t0, 1)}
+              "layers": rs.layers, "sae": rs.header.get("sae"), "model": rs.model,
+              "prompt_format": rs.header.get("prompt_format"), "seconds": round(time.time() - t0, 1)}
     md = ["# Rollouts", "", f"model `{rs.model}`, {report['n_questions']} questions, {len(rs)} rollouts in `{out}`", "",
           f"accuracy {report['accuracy']:.3f}, mean completion length {report['mean_length']:.1f} tokens, "
           f"truncated {report['truncated_fraction']:.1%}", "", f"layers {rs.layers}; SAE sha256 {rs.sae_sha256}", ""]

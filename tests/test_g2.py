@@ -75,7 +75,8 @@ def test_g2_command_runs_three_arms_from_identical_fresh_weights(tmp_path):
     pack = FeaturePack(model=model_dir, layer=1, hook="model.layers.1", sae=sae_reference(sae),
                        features=[{"index": i, "weight": (-1.0) ** i} for i in range(0, 60, 3)],
                        normalisation={"mean": 0.0, "std": 1.0},
-                       provenance={"direction": torch.randn(64).tolist(), "discovery": [], "validation": []},
+                       provenance={"direction": torch.randn(64).tolist(), "discovery": [], "validation": [],
+                                   "prompt_format": {"chat_template": False}},
                        validation={"verdict": "PASS"})
     pack_path = pack.save(tmp_path / "pack.json")
     cfg = G2Config(model=ModelConfig(model_dir, device="cpu"), pack=str(pack_path),

@@ -3,8 +3,10 @@
 Specifications: the SAE features that feed the reward are bit-identical to an independent
 forward of the policy on the ids TRL scored (old-log-prob pass and fallback, with and without
 LoRA, with beta > 0), the reference pass is never captured, hooks are gone afterwards, dense
-advantages are (B, T) and zero on padding, λ scales the mech term exactly, schedules apply,
-and training moves the weights.
+advantages are (B, T), zero exactly on padding of completions of different lengths and non-zero on
+real tokens, the logged advantages are the composed ones, tool-result tokens are not pooled, λ scales
+the mech term exactly, schedules apply, and training moves the weights; reward sets the capture cannot
+serve are refused; the hacking monitor has a 2 pp tolerance and runs on the main process only.
 """
 
 
@@ -154,25 +156,6 @@ def test_captured_features_equal_an_independent_forward_with_lora_and_not_the_re
     assert _adapters_active(trainer.model)
 
 
-def test_dense_advantages_are_per_token_zero_on_padding_and_z_scored_per_group(tmp_path, tiny_dir, sae_and_pack):
-    trainer, mech = _trainer(tmp_path, tiny_dir, sae_and_pack, per_token=True, lam=0.5, max_completion_length=8)
-    torch.manual_seed(2)
-    out = trainer._generate_and_score_completions(_rows(trainer))
-    adv, mask = out["advantages"], out["completion_mask"].bool()
-    assert adv.shape == out["completion_ids"].shape
-    assert (adv[~mask] == 0).all()
-    # Outcome ties (a random model never answers "7"), so the trajectory part is 0 and A = λ·z.
-    assert (trainer._mech_rewards_per_func[:, 0] == 0).all()
-    scores = trainer.mech_last["sae"]["token_scores"]
-    G = trainer.num_generations
-    for g in range(adv.shape[0] // G):
-        rows = slice(g * G, (g + 1) * G)
-        s = scores[rows][mask[rows]].double()
-        z = (s - s.mean()) / (s.std() + 1e-4)
-        torch.testing.assert_close(adv[rows][mask[rows]].double(), 0.5 * z, rtol=1e-5, atol=1e-6)
-    assert adv[mask].abs().max() > 0
-
-
 def test_doubling_lambda_doubles_the_mech_advantage_when_outcomes_tie(tmp_path, tiny_dir, sae_and_pack):
     trainer, _ = _trainer(tmp_path, tiny_dir, sae_and_pack, lam=0.1)
     torch.manual_seed(3)
@@ -223,3 +206,140 @@ def test_hacking_monitor_flags_score_up_while_accuracy_down(tiny_dir, sae_and_pa
     mon.history[0].update(heldout_accuracy=0.5, heldout_score_mean=first["heldout_score_mean"] - 1.0)
     second = mon.evaluate(model, 10)
     assert second["hacking"] is True and mon.report()["hacking_steps"] == [10]
+
+
+# --------------------------------------------------------------------------- fixed rollouts (TRL's rollout_func)
+
+LENGTHS = [2, 5, 3, 6]
+
+
+def _fixed_rollout(env_masks=None):
+    """A TRL `rollout_func` returning completions of the given different lengths (each ends with EOS), so the
+    batch has real padding; `env_masks` marks environment/tool-result tokens (0) inside completions."""
+
+    def rollout(prompts, trainer):
+        tok = trainer.processing_class
+        p_ids, c_ids = [], []
+        for i, p in enumerate(prompts):
+            n = LENGTHS[i % len(LENGTHS)]
+            p_ids.append(tok(p, add_special_tokens=False)["input_ids"])
+            c_ids.append([(11 + 7 * i + 5 * j) % 200 + 20 for j in range(n - 1)] + [tok.eos_token_id])
+        out = {"prompt_ids": p_ids, "completion_ids": c_ids, "logprobs": [[0.0] * len(c) for c in c_ids]}
+        if env_masks is not None:
+            out["env_mask"] = [list(env_masks[i % len(env_masks)]) for i in range(len(prompts))]
+        return out
+
+    return rollout
+
+
+def _fixed_trainer(tmp_path, tiny_dir, sae_and_pack, per_token, lam=0.5, env_masks=None, extra_rewards=(), **kw):
+    from transformers import AutoTokenizer
+
+    sae, pack = sae_and_pack
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    mech = SAEFeatureReward(pack, sae, per_token=per_token)
+    torch.manual_seed(0)
+    trainer = MechGRPOTrainer(tiny_dir, reward_funcs=[OutcomeReward(ArithmeticTask(n=4)), mech, *extra_rewards],
+                              args=_config(tmp_path, max_completion_length=8), train_dataset=_dataset(),
+                              processing_class=tok, mech_lambda=lam, rollout_func=_fixed_rollout(env_masks), **kw)
+    trainer.model.train()
+    return trainer, mech
+
+
+def test_dense_advantages_with_different_lengths_are_zero_exactly_on_padding(tmp_path, tiny_dir, sae_and_pack):
+    trainer, mech = _fixed_trainer(tmp_path, tiny_dir, sae_and_pack, per_token=True)
+    out = trainer._generate_and_score_completions(_rows(trainer))
+    adv, mask = out["advantages"], out["completion_mask"].bool()
+    assert adv.shape == out["completion_ids"].shape == (4, max(LENGTHS))
+    assert mask.sum(1).tolist() == LENGTHS  # real padding in 3 of 4 rows
+    assert (adv[~mask] == 0).all() and (~mask).sum() == 4 * max(LENGTHS) - sum(LENGTHS)
+    assert (adv[mask] != 0).all()  # every real token carries its λ·z (outcomes tie)
+    assert (trainer._mech_rewards_per_func[:, 0] == 0).all()
+    scores, G = trainer.mech_last["sae"]["token_scores"], trainer.num_generations
+    for g in range(adv.shape[0] // G):
+        rows = slice(g * G, (g + 1) * G)
+        s = scores[rows][mask[rows]].double()
+        z = (s - s.mean()) / (s.std() + 1e-4)  # over the group's real tokens only
+        torch.testing.assert_close(adv[rows][mask[rows]].double(), 0.5 * z, rtol=1e-5, atol=1e-6)
+
+    # what is logged is what the loss uses: per-completion mean of the dense advantages, the per-token values,
+    # and no "zero std" groups although TRL's own (mech weight 0 in dense mode, outcomes tied) says all are
+    logged = list(trainer._logs["advantages"])[-4:]
+    want = [float(adv[b][mask[b]].double().mean()) for b in range(4)]
+    assert logged == pytest.approx(want, rel=1e-5, abs=1e-7) and max(map(abs, logged)) > 0
+    dense = list(trainer._logs["extra"]["dense_advantage"])[-4:]
+    for b in range(4):
+        assert dense[b] == pytest.approx(adv[b][mask[b]].tolist(), rel=1e-6)
+    m = trainer._metrics["train"]
+    assert m["trl/frac_reward_zero_std"][-1] == 1.0 and m["frac_reward_zero_std"][-1] == 0.0
+
+
+def test_logged_trajectory_advantages_are_the_composed_ones_not_trls(tmp_path, tiny_dir, sae_and_pack):
+    trainer, _ = _fixed_trainer(tmp_path, tiny_dir, sae_and_pack, per_token=False, lam=0.1)
+    out = trainer._generate_and_score_completions(_rows(trainer))
+    logged = torch.tensor(list(trainer._logs["advantages"])[-4:])
+    torch.testing.assert_close(logged, out["advantages"].float())
+    # TRL's sum_then_normalize would log z (λ cancels when outcomes tie); the loss uses λ·z
+    assert 0 < logged.abs().max() < 0.5
+    assert trainer._metrics["train"]["reward_std"][-1] == pytest.approx(float(out["advantages"].std()), rel=1e-5)
+
+
+def test_tool_result_tokens_are_not_pooled_into_the_mech_reward(tmp_path, tiny_dir, sae_and_pack):
+    env = [[1, 0], [1, 1, 0, 0, 1], [1, 1, 1], [1, 0, 0, 1, 1, 1]]
+    trainer, mech = _fixed_trainer(tmp_path, tiny_dir, sae_and_pack, per_token=False, env_masks=env)
+    out = trainer._generate_and_score_completions(_rows(trainer))
+    got = trainer.mech_last["sae"]
+    assert got["lengths"] == [sum(e) for e in env]
+    hs, comp = _independent(trainer, out, LAYER)
+    C = out["completion_ids"].shape[1]
+    comp[:, -C:] &= out["tool_mask"].bool()
+    bs = trainer.args.per_device_train_batch_size
+    values = torch.cat([mech.scorer.token_activations(h[comp[i * bs:(i + 1) * bs]]) for i, h in enumerate(hs)])
+    assert (got["token_values"] - values).abs().max().item() == 0.0 and values.abs().sum() > 0
+
+
+def test_refused_reward_sets_and_models(tmp_path, tiny_dir, sae_and_pack):
+    from mechreward.errors import ConfigError
+
+    sae, pack = sae_and_pack
+    with pytest.raises(ConfigError, match="2 per-token mech rewards"):
+        _fixed_trainer(tmp_path, tiny_dir, sae_and_pack, per_token=True,
+                       extra_rewards=[SAEFeatureReward(pack, sae, per_token=True)])
+    with pytest.raises(ConfigError, match="same name"):
+        _fixed_trainer(tmp_path, tiny_dir, sae_and_pack, per_token=False, extra_rewards=[SAEFeatureReward(pack, sae)])
+    gpt2 = save_tiny(tmp_path / "gpt2", "gpt2")
+    with pytest.raises(ConfigError, match="absolute position embeddings"):
+        _fixed_trainer(tmp_path, str(gpt2), sae_and_pack, per_token=False)
+    with pytest.warns(UserWarning, match="composition='trl'"):
+        _fixed_trainer(tmp_path, tiny_dir, sae_and_pack, per_token=False, composition="trl")
+
+
+def test_hacking_monitor_tolerance_and_main_process_only(tiny_dir, sae_and_pack):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerControl, TrainerState
+
+    sae, pack = sae_and_pack
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    task = ArithmeticTask(n=4)
+    mon = HackingMonitor(tok, task, task.questions, SAEFeatureReward(pack, sae), every=1, max_new_tokens=3)
+    assert mon.acc_tol == 0.02
+    first = mon.evaluate(model, 0)
+    acc = first["heldout_accuracy"]
+    mon.history[0].update(heldout_accuracy=acc + 0.01, heldout_score_mean=first["heldout_score_mean"] - 1.0)
+    assert mon.evaluate(model, 1)["hacking"] is False  # a 1 pp dip is within the 2 pp tolerance
+    mon.history[0].update(heldout_accuracy=acc + 0.03)
+    assert mon.evaluate(model, 2)["hacking"] is True
+    # ranks other than the main process never run it
+    other = HackingMonitor(tok, task, task.questions, SAEFeatureReward(pack, sae), every=1, max_new_tokens=3)
+    state = TrainerState(is_world_process_zero=False)
+    state.global_step = 1
+    other.on_train_begin(None, state, TrainerControl(), model=model)
+    other.on_step_end(None, state, TrainerControl(), model=model)
+    assert other.history == []
+    state.is_world_process_zero = True
+    other.on_step_end(None, state, TrainerControl(), model=model)
+    assert [r["step"] for r in other.history] == [1]
+    # sharded parameters (FSDP / ZeRO-3): every rank must join the forward, only the main process logs
+    other.all_ranks, state.is_world_process_zero, state.global_step = True, False, 2
+    other.on_step_end(None, state, TrainerControl(), model=model)
+    assert [r["step"] for r in other.history] == [1, 2] and other._main is False

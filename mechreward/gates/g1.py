@@ -24,6 +24,7 @@ from scipy import stats as sps
 from .. import stats
 from ..errors import ConfigError, DataError
 from ..probe import FeaturePack, FeatureStats, SelectionConfig, build_pack, check_labels
+from ..prompts import format_of_header
 
 THRESHOLDS = ((0.50, "PASS-EXCELLENT"), (0.30, "PASS"), (0.10, "WEAK"))
 """Published verdict thresholds on the validation Spearman ρ; below the last: FAIL."""
@@ -173,6 +174,13 @@ class G1Result:
     """Null distribution `[n_random_packs]`."""
 
 
+def _prompt_format(header: dict) -> dict | None:
+    try:
+        return format_of_header(header).to_dict()
+    except DataError:
+        return None
+
+
 def run_gate(rs, protocol: G1Protocol, sae_ref: dict, model: str, layer: int) -> G1Result:
     """G1 on a `RolloutSet` holding pooled codes of the SAE `sae_ref` at `layer` and its raw residuals."""
     qids = rs.question_ids
@@ -187,6 +195,7 @@ def run_gate(rs, protocol: G1Protocol, sae_ref: dict, model: str, layer: int) ->
     pack, fs = build_pack(codes[disc], labels[disc], sae_ref, model, layer, protocol.pooling, protocol.selection,
                           provenance={"rollouts": str(rs.dir), "task": rs.header.get("task"),
                                       "sampling": rs.header.get("sampling"), "discovery": sorted(disc_q),
+                                      "prompt_format": _prompt_format(rs.header),
                                       "validation": sorted(val_q), "seed": protocol.seed})
     score = pack.score_pooled(codes[val])
     resid = rs.resid(layer, "mean").numpy().astype(np.float64)  # [R, d_model]
@@ -198,7 +207,8 @@ def run_gate(rs, protocol: G1Protocol, sae_ref: dict, model: str, layer: int) ->
     report = {**report, "n_discovery": len(disc_q), "n_validation": len(val_q),
               "n_discovery_responses": int(len(disc)), "n_correct_discovery": int(labels[disc].sum()),
               "n_features": len(pack.features), "n_features_alive": int(fs.index.size),
-              "pooling": protocol.pooling, "layer": layer, "model": model, "sae_sha256": sae_ref.get("sha256")}
+              "pooling": protocol.pooling, "layer": layer, "model": model, "sae_sha256": sae_ref.get("sha256"),
+              "prompt_format": pack.provenance.get("prompt_format")}
     pack.validation = {k: report[k] for k in ("spearman_rho", "p_value", "ci95", "permutation_p", "auroc",
                                               "pearson_r", "n_validation", "n_correct_validation", "verdict",
                                               "flags", "controls")}
