@@ -398,6 +398,9 @@ def characterize(cfg: FeaturesConfig, run: Run, model=None, tokenizer=None, sae=
     from .rollouts import RolloutSet
 
     t0 = time.time()
+    from .corpora import real_model_data_default
+
+    defaulted = cfg.tokens > 0 and real_model_data_default(cfg.data, cfg.model.name_or_path, "features")
     if model is None:
         model, tokenizer = load_model(cfg.model)
     if sae is None:
@@ -445,7 +448,8 @@ def characterize(cfg: FeaturesConfig, run: Run, model=None, tokenizer=None, sae=
     report = {"features_path": str(run.path("features.json")), "model": cfg.model.name_or_path, "layer": layer,
               "sae": sae_reference(sae), "tokens": counter.n_tokens, "token_source": what,
               "density_classes": classes, "healthy_fraction": classes["healthy"] / sae.cfg.d_sae,
-              "dead_fraction": classes["dead"] / sae.cfg.d_sae, "logit_effect": LOGIT_EFFECT}
+              "dead_fraction": classes["dead"] / sae.cfg.d_sae, "logit_effect": LOGIT_EFFECT,
+              "data_source": cfg.data.source if cfg.tokens > 0 else None, "data_source_defaulted": defaulted}
     if roll is not None:
         order = np.argsort(-np.abs(roll.auroc - 0.5))[:10]
         report["rollouts"] = {"dir": str(rs.dir), "n_responses": roll.n_responses, "n_correct": roll.n_correct,

@@ -22,6 +22,7 @@ from .distributed import World, init as init_distributed, layers_for_rank
 from .activations import (ActivationSource, FilterConfig, LiveSource, StoreSource, TokenStats,
                           filter_tokens, sae_batches)
 from .cli import hydra_command
+from .corpora import real_model_data_default
 from .data import DataConfig, token_batches
 from .errors import ConfigError, DataError
 from .models import (ModelConfig, ResidualCapture, find_layers, hidden_size, load_config, load_model, normalize_layer,
@@ -347,6 +348,7 @@ def run_sae_train(cfg: SAETrainRunConfig, run: Run) -> dict:
         print(f"resuming {run.dir} at step {checkpoint['step']}")
     world = init_distributed()
     device = world.device(resolve_device(cfg.model.device))
+    defaulted = cfg.activations == "live" and real_model_data_default(cfg.data, cfg.model.name_or_path, "sae_train")
     model, tokenizer = load_model(cfg.model)
     n_layers = len(find_layers(model))
     layers = sorted({normalize_layer(l, n_layers) for l in cfg.layers})
@@ -376,13 +378,14 @@ def run_sae_train(cfg: SAETrainRunConfig, run: Run) -> dict:
         world.barrier()
         return {}
     report = evaluate_and_save(cfg, run, model, tokenizer, saes, heldout_ids,
-                               getattr(source, "consumed_stats", source.stats))
+                               getattr(source, "consumed_stats", source.stats), data_source_defaulted=defaulted)
     run.path(CHECKPOINT).unlink(missing_ok=True)
     world.barrier()
     return report
 
 
-def evaluate_and_save(cfg: SAETrainRunConfig, run: Run, model, tokenizer, saes: dict, heldout_ids, stats) -> dict:
+def evaluate_and_save(cfg: SAETrainRunConfig, run: Run, model, tokenizer, saes: dict, heldout_ids, stats,
+                      data_source_defaulted: bool = False) -> dict:
     layers = sorted(saes)
     held = heldout_activations(model, layers, heldout_ids, tokenizer, cfg.filters)
     per_layer = []
@@ -412,12 +415,14 @@ def evaluate_and_save(cfg: SAETrainRunConfig, run: Run, model, tokenizer, saes: 
     report: dict[str, Any] = {k: f(r[k] for r in per_layer) for k, f in worst.items() if k in per_layer[0]}
     report.update({"tokens": per_layer[0]["tokens"], "tokens_per_second": min(r["tokens_per_second"] for r in per_layer),
                    "sae_path": per_layer[0]["sae_path"] if len(per_layer) == 1 else [r["sae_path"] for r in per_layer],
-                   "layers": per_layer, "token_filter": dict(stats),
+                   "layers": per_layer, "token_filter": dict(stats), "data_source": cfg.data.source,
+                   "data_source_defaulted": data_source_defaulted,
                    "config": {"d_sae": cfg.sae.d_sae, "k": cfg.sae.k, "architecture": cfg.sae.architecture,
                               "batch_size": cfg.batch_size, "model": cfg.model.name_or_path}})
     md = ["# SAE training report", "",
           f"model `{cfg.model.name_or_path}`, {cfg.sae.architecture} d_sae {cfg.sae.d_sae} k {cfg.sae.k}, "
-          f"{report['tokens']:,} tokens at {report['tokens_per_second']:,.0f} tokens/s", "",
+          f"{report['tokens']:,} tokens at {report['tokens_per_second']:,.0f} tokens/s of `{cfg.data.source}`"
+          + (" (defaulted: the model is not the organism)" if data_source_defaulted else ""), "",
           "Held-out metrics (worst over layers at the top of report.json; one row per SAE here):", "",
           markdown_table(per_layer, ["layer", "variance_explained", "l0", "dead_fraction", "alive_fraction",
                                      "healthy_fraction", "loss_recovered", "kl_sae", "sae_path"]),
