@@ -63,6 +63,9 @@ class RLConfig:
     beta_end: float | None = None
     """β at the last step (linear from grpo.beta); null = constant."""
     lora: LoraSettings = field(default_factory=LoraSettings)
+    organism_defaults_ok: bool = False
+    """With a model other than the organism, rl refuses to run while task or eval_task is still
+    the organism's arithmetic task; set them, or this to true to keep them deliberately."""
     chat_template: bool | None = None
     """Conversational prompts through the tokenizer's chat template; null = when it has one."""
     grpo: dict = field(default_factory=dict)
@@ -111,6 +114,15 @@ def run_rl(cfg: RLConfig, run: Run) -> dict:
     t0 = time.time()
     if cfg.reward not in REWARDS:
         raise ConfigError(f"unknown reward {cfg.reward!r}; expected one of {REWARDS}")
+    from .tasks.loading import organism_task_leaks
+
+    leaks = [] if cfg.organism_defaults_ok else organism_task_leaks(
+        cfg.model.name_or_path, {"task": cfg.task, "eval_task": cfg.eval_task})
+    if leaks:
+        raise ConfigError(f"model {cfg.model.name_or_path!r} is not the organism, but rl still has the organism's "
+                          f"{', '.join(leaks)}; set task and eval_task for your model (e.g. task.name=math "
+                          "task.source=<file> eval_task.name=math eval_task.source=<file>), or "
+                          "organism_defaults_ok=true to keep them deliberately")
     output_dir = cfg.output_dir or str(run.path("checkpoints"))
     args = build_grpo_args(cfg, output_dir)
     if cfg.dry_run:

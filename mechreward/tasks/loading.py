@@ -56,6 +56,30 @@ class TaskConfig:
     """Prompt text with `{question}` (and for mcq `{choices}`); None = the task's default."""
     seed: int = 0
     """Seed for generated tasks (arithmetic); file/hub rows are taken in order, unshuffled."""
+    answer_extraction: list[str] | None = None
+    """Math tasks: how the final answer is read from a completion, methods tried in order, the
+    first that finds one wins: `boxed` (last `\\boxed{}`), `hash` (last `####`), `marked` (the
+    later of those two; the default), `last_number` (the last number anywhere, lenient: a chat
+    model answering "9 + 9 = 18") or `regex:<pattern>` (last match; group 1 if it has one).
+    None = [marked]. Responses with no extractable answer are counted in reports."""
+
+
+def organism_task_leaks(model_name: str, settings: dict[str, object]) -> list[str]:
+    """`key=value` of the settings that are still the organism's defaults while `model_name` is
+    a real model (empty for the organism). `settings` maps a setting's name to a pair
+    (value, organism default) or to a TaskConfig (which leaks when it is the arithmetic task)."""
+    from ..models import is_builtin_organism
+
+    if is_builtin_organism(model_name):
+        return []
+    out = []
+    for key, val in settings.items():
+        if isinstance(val, TaskConfig):
+            if val.name == "arithmetic":
+                out.append(f"{key}.name=arithmetic")
+        elif val[0] == val[1]:
+            out.append(f"{key}={val[0]}")
+    return out
 
 
 def _field(cfg: TaskConfig, which: str) -> str:
@@ -239,6 +263,9 @@ def load_task(cfg: TaskConfig) -> Task:
         )
     if cfg.n is not None and len(questions) < cfg.n:
         log.warning("%s: asked for n=%d questions, only %d usable", where, cfg.n, len(questions))
-    task: Task = MCQTask(questions) if mcq else MathTask(questions)
+    if mcq and cfg.answer_extraction:
+        raise ConfigError(f"task.answer_extraction={cfg.answer_extraction!r} applies to math tasks only; "
+                          f"task {cfg.name!r} reads a letter")
+    task: Task = MCQTask(questions) if mcq else MathTask(questions, extraction=cfg.answer_extraction)
     task.name = name
     return task
