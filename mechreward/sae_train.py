@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,7 +28,7 @@ from .data import DataConfig, token_batches
 from .errors import ConfigError, DataError
 from .models import (ModelConfig, ResidualCapture, find_layers, hidden_size, load_config, load_model, normalize_layer,
                      resolve_device)
-from .run import Run, markdown_table, progress, read_metrics
+from .run import Run, markdown_table, progress, read_metrics, show_progress
 from .sae.evaluate import activation_metrics, density_histogram_figure, splice_metrics
 from .sae.formats import save_sae
 from .sae.model import SAEConfig, SparseAutoencoder
@@ -80,6 +81,9 @@ class SAETrainRunConfig:
     """Where trained SAEs go (native / SAELens v6 layout)."""
     log_every: int = 25
     """Log metrics every this many steps (the only host syncs of the loop)."""
+    progress_every: int | None = None
+    """When stderr is not a terminal (CI, a log file), print one progress line (tokens, tokens/s,
+    fvu, ETA) every this many steps; None = every `log_every` steps, 0 = never."""
     eval_splice: bool = True
     """Measure loss recovered / KL by splicing the reconstruction into the model on held-out text."""
     tensorboard: bool = False
@@ -240,7 +244,11 @@ def train_saes(source: ActivationSource, cfg: SAETrainRunConfig, run: Run, check
                 row = {k: float(v) for k, v in o._asdict().items()
                        if isinstance(v, (int, float)) or (torch.is_tensor(v) and v.numel() == 1)}
                 loggers.log(step, {"layer": layer, "tokens": step * cfg.batch_size, "tokens_per_second": rate, **row})
-            bar.set_postfix(fvu=f"{float(next(iter(outs.values())).fvu):.3f}")
+            fvu = float(next(iter(outs.values())).fvu)
+            bar.set_postfix(fvu=f"{fvu:.3f}")
+            every_line = cfg.log_every if cfg.progress_every is None else cfg.progress_every
+            if every_line and not show_progress() and (step % every_line == 0 or step == steps):
+                print(progress_line(step, steps, cfg.batch_size, rate, fvu), file=sys.stderr, flush=True)
         if every and step % every == 0 and step < steps:
             save_checkpoint(run, trainers, step, position, source.checkpoint_stats, cfg, world, gather=by_layer)
         if step >= steps:
@@ -253,8 +261,17 @@ def train_saes(source: ActivationSource, cfg: SAETrainRunConfig, run: Run, check
     elapsed = time.time() - t0
     for layer, sae in saes.items():
         sae.metadata_extra = {"tokens": step * cfg.batch_size, "steps": step,
+                              "dead_tokens": next(iter(trainers.values())).dead_tokens if trainers else None,
                               "tokens_per_second": (step - step0) * cfg.batch_size / max(elapsed, 1e-9)}
     return saes
+
+
+def progress_line(step: int, steps: int, batch_size: int, rate: float, fvu: float) -> str:
+    """One line of training progress for logs: step, tokens, tokens/s, fvu (first SAE), ETA."""
+    left = (steps - step) * batch_size / rate if rate > 0 else float("nan")
+    eta = f"{int(left // 60)}m{int(left % 60):02d}s" if left == left else "?"
+    return (f"sae_train: step {step}/{steps}, tokens {step * batch_size:,}/{steps * batch_size:,} "
+            f"({step / steps:.0%}), {rate:,.0f} tokens/s, fvu {fvu:.4f}, ETA {eta}")
 
 
 def save_checkpoint(run: Run, trainers: dict, step: int, position: tuple, stats: dict, cfg,
