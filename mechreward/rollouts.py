@@ -408,6 +408,10 @@ def generate_rollouts(cfg: RolloutsConfig, run: Run, model=None, tokenizer=None,
     """Sample, grade and capture for every question not yet in the rollout directory; return it."""
     if cfg.questions_per_shard < 1:
         raise ConfigError(f"questions_per_shard must be >= 1, got {cfg.questions_per_shard}")
+    from .tasks.loading import require_real_task
+
+    if questions is None:
+        require_real_task(cfg.model.name_or_path, "rollouts", task=cfg.task)
     if model is None:
         model, tokenizer = load_model(cfg.model)
     task = load_task(cfg.task)

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 MATH_NAMES = ("gsm8k", "math")
 MCQ_NAMES = ("mcq", "supergpqa")
-TASK_NAMES = ("arithmetic", *MATH_NAMES, *MCQ_NAMES)
+TASK_NAMES = ("arithmetic", "addition", *MATH_NAMES, *MCQ_NAMES)
 LOCAL_SUFFIXES = (".jsonl", ".json")
 
 
@@ -31,13 +31,15 @@ class TaskConfig:
     """Which questions to use and how to read them (the `task:` group of every command)."""
 
     name: str = "arithmetic"
-    """`arithmetic` (built-in organism task), `gsm8k`/`math` (free-form math, MathTask) or
+    """`arithmetic` (built-in organism task), `addition` (generated "What is 47 + 8?" for small
+    chat models, mechreward.tasks.addition), `gsm8k`/`math` (free-form math, MathTask) or
     `mcq`/`supergpqa` (letter multiple choice, MCQTask)."""
     source: str | None = None
     """A local `.jsonl`/`.json` file, or a Hugging Face dataset id (`openai/gsm8k`).
     None for `arithmetic`, which generates its questions."""
     subset: str | None = None
-    """HF dataset configuration name (`main` for openai/gsm8k); ignored for local files."""
+    """HF dataset configuration name (`main` for openai/gsm8k); ignored for local files. For
+    `addition`: the operands, `2d+1d` (default), `1d` or `2d`."""
     split: str = "eval"
     """Dataset split (`test`, `train`); arithmetic has `train` and `eval`. Ignored for a
     `.jsonl` file; for a `.json` file holding `{split: [rows]}` it picks the list."""
@@ -80,6 +82,15 @@ def organism_task_leaks(model_name: str, settings: dict[str, object]) -> list[st
         elif val[0] == val[1]:
             out.append(f"{key}={val[0]}")
     return out
+
+
+def require_real_task(model_name: str, command: str, **tasks: TaskConfig) -> None:
+    """ConfigError when a real model would run on the organism's arithmetic task by default."""
+    leaks = organism_task_leaks(model_name, dict(tasks))
+    if leaks:
+        raise ConfigError(f"{command}: model {model_name!r} is not the organism, but {', '.join(leaks)} is the "
+                          "organism's task; choose one for your model (e.g. task=addition, or task.name=math "
+                          "task.source=<file>)")
 
 
 def _field(cfg: TaskConfig, which: str) -> str:
@@ -198,6 +209,12 @@ def load_task(cfg: TaskConfig) -> Task:
         if cfg.n is not None:
             kwargs["n"] = cfg.n
         return ArithmeticTask(**kwargs)
+    if name == "addition":
+        if cfg.source is not None:
+            raise ConfigError(f"the addition task generates its questions; got source={cfg.source!r}")
+        from .addition import addition_task
+
+        return addition_task(cfg.split, cfg.n, cfg.seed, cfg.subset, cfg.prompt_template, cfg.answer_extraction)
 
     if not cfg.source:
         raise ConfigError(f"task {cfg.name!r} needs task.source (a .jsonl/.json file or an HF dataset id)")
