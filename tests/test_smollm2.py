@@ -80,7 +80,7 @@ def test_sae_trains_and_g1_reports_on_chat_rollouts(smol, tmp_path):
     assert 0.5 < rep["loss_recovered"] <= 1.0, rep["loss_recovered"]
 
     g1 = G1Config(model=mcfg, task=TaskConfig(name="addition", n=32, subset="2d+1d"),
-                  sampling=SamplingConfig(n=2, max_new_tokens=24, batch_size=32, chat_template=True),
+                  sampling=SamplingConfig(n=2, max_new_tokens=16, batch_size=32, chat_template=True, temperature=0.7),
                   sae=SAERef(rep["sae_path"]), n_discovery=16, n_validation=16, n_random_packs=50, n_boot=100,
                   n_perm=200, questions_per_shard=32)
     g1rep = run_g1(g1, Run(tmp_path / "g1", "g1"))
