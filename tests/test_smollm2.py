@@ -90,3 +90,21 @@ def test_sae_trains_and_g1_reports_on_chat_rollouts(smol, tmp_path):
     assert 0.15 < g1rep["accuracy_all"] < 0.85, g1rep["accuracy_all"]
     assert rs.n_no_answer < len(rs) // 4  # prose answers are read by last_number
     assert (tmp_path / "g1" / "report.md").exists() and -1 <= g1rep["spearman_rho"] <= 1
+
+
+def test_contexts_keep_characters_whole_and_inspect_marks_the_first_position(smol):
+    from mechreward.features import TokenText, format_inspection, inspect_text
+    from mechreward.sae.model import SAEConfig, SparseAutoencoder
+
+    model, tok = smol
+    text = "naïve café — 日本語 ok"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    tt = TokenText(tok)
+    assert any("\ufffd" in tt(i) for i in ids)  # byte-level BPE splits these characters
+    shown = tt.context(ids)
+    assert "".join(shown) == text and not any("\ufffd" in s for s in shown)
+    assert "\ufffd" not in "".join(tt.context(ids[ids.index(next(i for i in ids if "\ufffd" in tt(i))) + 1:]))
+    sae = SparseAutoencoder(SAEConfig(576, 64, 4, metadata={"layer": LAYER}))
+    rows = inspect_text(model, tok, sae, LAYER, "The assert statement is a convenient way to insert checks.")
+    assert rows[0]["outlier"] and not any(r["outlier"] for r in rows[1:])
+    assert format_inspection(rows).splitlines()[0].startswith("   0!")
