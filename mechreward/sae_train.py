@@ -365,7 +365,7 @@ def run_sae_train(cfg: SAETrainRunConfig, run: Run) -> dict:
         print(f"resuming {run.dir} at step {checkpoint['step']}")
     world = init_distributed()
     device = world.device(resolve_device(cfg.model.device))
-    defaulted = cfg.activations == "live" and real_model_data_default(cfg.data, cfg.model.name_or_path, "sae_train")
+    defaulted = real_model_data_default(cfg.data, cfg.model.name_or_path, "sae_train")  # held-out text too
     model, tokenizer = load_model(cfg.model)
     n_layers = len(find_layers(model))
     layers = sorted({normalize_layer(l, n_layers) for l in cfg.layers})
