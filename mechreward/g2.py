@@ -42,29 +42,36 @@ class G2Config:
     arms: list[str] = field(default_factory=lambda: list(ARMS))
     seed: int = 0
     organism_defaults_ok: bool = False
-    """With a model other than the organism, G2 refuses to run while the organism's task
-    (arithmetic), train_task, learning rate (1e-4), steps (60) or task.n (700) are still in
-    place; set each one for your model, or this to true to keep them deliberately."""
+    """With a model other than the organism, G2 refuses to run while the organism's learning
+    rate (1e-4), steps (60) or task.n (700) are still in place (and warns about the organism's
+    arithmetic task / train_task); set each one for your model, or this to true to keep them."""
 
 
 ORGANISM_G2 = {"protocol.learning_rate": 1e-4, "protocol.steps": 60, "task.n": 700}
 """conf/g2.yaml's organism values, which must not carry over to a real model unnoticed."""
 
 
-def check_real_model_settings(cfg: G2Config) -> None:
-    from .tasks.loading import organism_task_leaks
+def check_real_model_settings(cfg: G2Config) -> list[str]:
+    """ConfigError for the organism's protocol values with a real model (all three still in
+    place); a warning for the organism's task / train_task. Returns the task leaks warned about."""
+    from .tasks.loading import organism_task_leaks, warn_organism_defaults
 
     if cfg.organism_defaults_ok:
-        return
+        return []
+    tasks = warn_organism_defaults(cfg.model.name_or_path, "g2", organism_task_leaks(
+        cfg.model.name_or_path, {"task": cfg.task, "train_task": cfg.train_task}),
+        "set task and train_task for your model (e.g. task=addition train_task.name=addition)")
     values = {"protocol.learning_rate": cfg.protocol.learning_rate, "protocol.steps": cfg.protocol.steps,
               "task.n": cfg.task.n}
-    leaks = organism_task_leaks(cfg.model.name_or_path, {
-        "task": cfg.task, "train_task": cfg.train_task, **{k: (values[k], v) for k, v in ORGANISM_G2.items()}})
+    leaks = organism_task_leaks(cfg.model.name_or_path, {k: (values[k], v) for k, v in ORGANISM_G2.items()})
+    if len(leaks) < len(ORGANISM_G2):  # a protocol the user changed in part is a choice
+        return tasks
     if leaks:
         raise ConfigError(f"model {cfg.model.name_or_path!r} is not the organism, but G2 still has the organism's "
                           f"{', '.join(leaks)}; set these for your model (e.g. train_task.name=math "
                           "train_task.source=<file> protocol.learning_rate=3e-6 protocol.steps=30 task.n=null), "
                           "or organism_defaults_ok=true to keep them deliberately")
+    return tasks
 
 
 # --------------------------------------------------------------------------- pack
@@ -177,7 +184,7 @@ def run_g2(cfg: G2Config, run: Run) -> dict:
 
     t0 = time.time()
     p = cfg.protocol
-    check_real_model_settings(cfg)
+    organism_defaults = check_real_model_settings(cfg)
     unknown = [a for a in cfg.arms if a not in ARMS]
     if unknown or not cfg.arms:
         raise ConfigError(f"unknown arms {unknown}; expected a subset of {list(ARMS)}")
@@ -224,7 +231,7 @@ def run_g2(cfg: G2Config, run: Run) -> dict:
     report = summarise(results, acc_before, score_before, p)
     report.update(pack_path=str(pack_path), model=cfg.model.name_or_path, layer=pack.layer,
                   pack_validation=pack.validation.get("verdict"), n_eval=len(eval_qs), n_train_questions=n_train,
-                  n_no_answer_before=no_answer_before,
+                  n_no_answer_before=no_answer_before, organism_defaults=organism_defaults,
                   protocol=asdict(p), seconds=round(time.time() - t0, 1))
     run.write_report(report, _markdown(report))
     print(f"G2: verdict {report['verdict']}; R1-R0 {report['delta_r1_r0']['mean']:+.3f}, "

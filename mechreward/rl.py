@@ -64,8 +64,8 @@ class RLConfig:
     """β at the last step (linear from grpo.beta); null = constant."""
     lora: LoraSettings = field(default_factory=LoraSettings)
     organism_defaults_ok: bool = False
-    """With a model other than the organism, rl refuses to run while task or eval_task is still
-    the organism's arithmetic task; set them, or this to true to keep them deliberately."""
+    """With a model other than the organism, rl warns while task or eval_task is still the
+    organism's arithmetic task; true silences it (kept deliberately)."""
     chat_template: bool | None = None
     """Conversational prompts through the tokenizer's chat template; null = when it has one."""
     grpo: dict = field(default_factory=dict)
@@ -114,15 +114,12 @@ def run_rl(cfg: RLConfig, run: Run) -> dict:
     t0 = time.time()
     if cfg.reward not in REWARDS:
         raise ConfigError(f"unknown reward {cfg.reward!r}; expected one of {REWARDS}")
-    from .tasks.loading import organism_task_leaks
+    from .tasks.loading import organism_task_leaks, warn_organism_defaults
 
-    leaks = [] if cfg.organism_defaults_ok else organism_task_leaks(
-        cfg.model.name_or_path, {"task": cfg.task, "eval_task": cfg.eval_task})
-    if leaks:
-        raise ConfigError(f"model {cfg.model.name_or_path!r} is not the organism, but rl still has the organism's "
-                          f"{', '.join(leaks)}; set task and eval_task for your model (e.g. task.name=math "
-                          "task.source=<file> eval_task.name=math eval_task.source=<file>), or "
-                          "organism_defaults_ok=true to keep them deliberately")
+    if not cfg.organism_defaults_ok:
+        warn_organism_defaults(cfg.model.name_or_path, "rl", organism_task_leaks(
+            cfg.model.name_or_path, {"task": cfg.task, "eval_task": cfg.eval_task}),
+            "set task and eval_task for your model (e.g. task=addition eval_task.name=addition)")
     output_dir = cfg.output_dir or str(run.path("checkpoints"))
     args = build_grpo_args(cfg, output_dir)
     if cfg.dry_run:

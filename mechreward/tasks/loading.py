@@ -84,13 +84,24 @@ def organism_task_leaks(model_name: str, settings: dict[str, object]) -> list[st
     return out
 
 
-def require_real_task(model_name: str, command: str, **tasks: TaskConfig) -> None:
-    """ConfigError when a real model would run on the organism's arithmetic task by default."""
-    leaks = organism_task_leaks(model_name, dict(tasks))
+def warn_organism_defaults(model_name: str, command: str, leaks: list[str], fix: str) -> list[str]:
+    """Say on stderr (and in the log) that a model other than the organism runs with the
+    organism's defaults `leaks`; returns `leaks` for the report (`organism_defaults`)."""
     if leaks:
-        raise ConfigError(f"{command}: model {model_name!r} is not the organism, but {', '.join(leaks)} is the "
-                          "organism's task; choose one for your model (e.g. task=addition, or task.name=math "
-                          "task.source=<file>)")
+        import sys
+
+        msg = (f"{command}: warning: model {model_name!r} is not the organism, but runs with the organism's "
+               f"{', '.join(leaks)}; {fix}")
+        log.warning(msg)
+        print(msg, file=sys.stderr)
+    return leaks
+
+
+def require_real_task(model_name: str, command: str, **tasks: TaskConfig) -> list[str]:
+    """Warn when a model other than the organism runs on the organism's arithmetic task
+    (a model trained on it, a test model, may do so on purpose); returns the leaks."""
+    return warn_organism_defaults(model_name, command, organism_task_leaks(model_name, dict(tasks)),
+                                  "choose a task for your model (e.g. task=addition, or task.name=math task.source=<file>)")
 
 
 def _field(cfg: TaskConfig, which: str) -> str:
