@@ -39,7 +39,21 @@ def _sae_list(args: argparse.Namespace) -> int:
         print(_table(local, ["name", "model", "layer", "d_sae", "k", "format", "path"]))
     else:
         print("(none; train one with `python -m mechreward.sae_train`)")
+    from pathlib import Path
+
+    for extra in args.runs:
+        found = [r for r in local_saes(extra, deep=True)
+                 if not any(Path(r["path"]).resolve() == Path(x["path"]).resolve() for x in local)]
+        if found:
+            print(f"\nSAEs saved under {extra}/ ({len(found)}; sae_train output_dir elsewhere, demo stages):")
+            print(_table(found, ["name", "model", "layer", "d_sae", "k", "format", "path"]))
     return 0
+
+
+def _with_runs(args: argparse.Namespace) -> argparse.Namespace:
+    if args.runs is None:
+        args.runs = ["runs"]
+    return args
 
 
 def _add_sae(sub: argparse._SubParsersAction) -> None:
@@ -48,7 +62,9 @@ def _add_sae(sub: argparse._SubParsersAction) -> None:
     ls = sae_sub.add_parser("list", help="known public SAEs (sae/registry.yaml) and SAEs trained under sae/")
     ls.add_argument("--registry", default=None, help="registry YAML (default: the shipped sae/registry.yaml)")
     ls.add_argument("--store", default=None, help="local SAE store (default: $MECHREWARD_SAE_DIR or sae)")
-    ls.set_defaults(func=_sae_list)
+    ls.add_argument("--runs", action="append", default=None,
+                    help="also list SAEs saved anywhere below this folder (repeatable; default: runs)")
+    ls.set_defaults(func=lambda args: _sae_list(_with_runs(args)))
     sae.set_defaults(func=lambda args: (sae.print_help(), 1)[1])
 
 

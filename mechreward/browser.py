@@ -42,9 +42,30 @@ def _summary(report: dict, g1: dict | None) -> list[list]:
     return out
 
 
+MAX_DATA_BYTES = 16 << 20
+"""Bound on data.js: above it, the contexts shown per feature are cut (the highest-activating are kept)."""
+
+
+def _bounded_payload(meta: dict, shown: list, rows: Sequence[dict], max_bytes: int) -> str:
+    def dump(rs):
+        return json.dumps({"meta": meta, "images": shown, "features": list(rs)}, ensure_ascii=True,
+                          allow_nan=False, default=str)
+
+    payload = dump(rows)
+    n = max((len(r.get("contexts") or []) for r in rows), default=0)
+    while len(payload) > max_bytes and n > 1:
+        n = max(1, n // 2)
+        meta["contexts_per_feature_shown"] = n
+        payload = dump([{**r, "contexts": r["contexts"][:n]} if r.get("contexts") else r for r in rows])
+    return payload
+
+
 def write_browser(run_dir: str | Path, rows: Sequence[dict], report: dict, g1_dir: str | Path | None = None,
-                  images: Sequence[str | Path] = ()) -> Path:
-    """Write the browser into `<run_dir>/browser/` and return the path of its index.html."""
+                  images: Sequence[str | Path] = (), max_bytes: int = MAX_DATA_BYTES) -> Path:
+    """Write the browser into `<run_dir>/browser/` and return the path of its index.html.
+
+    data.js stays under `max_bytes` where it can: the contexts per feature are halved until it
+    fits (`meta.contexts_per_feature_shown` says how many are shown; features.json keeps all)."""
     out = Path(run_dir) / "browser"
     (out / "img").mkdir(parents=True, exist_ok=True)
     for name in ASSET_FILES:
@@ -70,7 +91,6 @@ def write_browser(run_dir: str | Path, rows: Sequence[dict], report: dict, g1_di
     meta = {"model": report.get("model"), "layer": report.get("layer"), "sae_path": sae.get("path"),
             "d_sae": sae.get("d_sae"), "k": sae.get("k"), "tokens": report.get("tokens", 0),
             "logit_effect": report.get("logit_effect"), "summary": _summary(report, g1)}
-    payload = json.dumps({"meta": meta, "images": shown, "features": list(rows)}, ensure_ascii=True,
-                         allow_nan=False, default=str)
+    payload = _bounded_payload(meta, shown, rows, max_bytes)
     io.write_text(out / "data.js", "window.MECHREWARD_DATA = " + payload + ";\n")
     return out / "index.html"

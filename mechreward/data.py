@@ -28,7 +28,8 @@ class DataConfig:
     """Where text comes from and how it is cut into model inputs."""
 
     source: str = ORGANISM_TEXT
-    """`organism`, a local .txt/.jsonl/.json path, or a Hugging Face dataset id."""
+    """`organism`, a built-in real-text corpus (`pydoc_topics`, `stdlib_docs`: mechreward.corpora),
+    a local .txt/.jsonl/.json path, or a Hugging Face dataset id."""
     text_field: str = "text"
     """Field holding the text in jsonl/json rows and HF datasets."""
     name: str | None = None
@@ -137,6 +138,10 @@ def _hf_texts(cfg: DataConfig) -> Iterator[str]:
 
 def iter_texts(cfg: DataConfig, heldout: bool = False) -> Iterator[str]:
     """Documents of the corpus. For the organism, `heldout` draws from its evaluation split."""
+    from .corpora import CORPORA, iter_corpus
+
+    if cfg.source in CORPORA:
+        return iter_corpus(cfg.source)
     if cfg.source == ORGANISM_TEXT:
         return _organism_texts("eval" if heldout else "train", cfg.seed)
     path = Path(cfg.source)

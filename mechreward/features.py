@@ -251,6 +251,9 @@ class TokenText:
 
     def __init__(self, tokenizer):
         self.tok, self.cache = tokenizer, {}
+        self.separators = {int(i) for i in (tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id)
+                           if i is not None}
+        """Ids that separate documents in packed text (never shown as text inside a context)."""
 
     def __call__(self, i: int) -> str:
         if i < 0:
@@ -258,6 +261,24 @@ class TokenText:
         if i not in self.cache:
             self.cache[i] = self.tok.decode([int(i)], skip_special_tokens=False)
         return self.cache[i]
+
+    def context(self, ids: Sequence[int]) -> list[str]:
+        """Display text per token of a run of ids, with no character split across tokens.
+
+        Byte-level BPE can cut one character's UTF-8 bytes over several tokens; decoding each alone
+        gives U+FFFD. Here the tokens of an incomplete character show "" and the token that
+        completes it shows the whole character; bytes of a character cut by the start (or end)
+        of the window are dropped."""
+        out, pending = [], []
+        for x in ids:
+            pending.append(int(x))
+            s = self.tok.decode(pending, skip_special_tokens=False)
+            if s.endswith("\ufffd") and len(pending) < 4:
+                out.append("")
+                continue
+            out.append(s.replace("\ufffd", ""))
+            pending = []
+        return out
 
 
 @dataclass
@@ -283,6 +304,25 @@ def rollout_stats(pooled: np.ndarray, labels: np.ndarray, pooling: str) -> Rollo
     return RolloutStats(auroc=np.asarray(stats.auroc(x, lab)), d=stats.cohens_d(x[lab == 1], x[lab == 0]),
                         fire_rate=(x != 0).mean(0), n_responses=int(lab.size), n_correct=int(lab.sum()),
                         pooling=pooling)
+
+
+def document_span(ids: Sequence[int], center: int, separators: set[int]) -> tuple[int, int]:
+    """[lo, hi) of the window `ids` (−1 = outside the sequence) that holds the centre token's own
+    document: the window stops before a document separator (EOS/BOS/pad of packed text) on
+    either side of the centre, so no separator is shown as text and no other document leaks in."""
+    lo = next(t for t, x in enumerate(ids) if x >= 0)
+    hi = len(ids) - next(t for t, x in enumerate(reversed(ids)) if x >= 0)
+    if ids[center] in separators:
+        return lo, hi
+    for t in range(center - 1, lo - 1, -1):
+        if ids[t] in separators:
+            lo = t + 1
+            break
+    for t in range(center + 1, hi):
+        if ids[t] in separators:
+            hi = t
+            break
+    return lo, hi
 
 
 def feature_rows(counter: FeatureCounter | None, effects, text: TokenText, roll: RolloutStats | None = None,
@@ -311,10 +351,9 @@ def feature_rows(counter: FeatureCounter | None, effects, text: TokenText, roll:
                     break
                 ids = top.token_ids[i, j].tolist()
                 acts = top.acts[i, j].tolist()
-                lo = next(t for t, x in enumerate(ids) if x >= 0)
-                hi = len(ids) - next(t for t, x in enumerate(reversed(ids)) if x >= 0)
+                lo, hi = document_span(ids, counter.window, text.separators)
                 ctxs.append({"activation": round(vals[j], 5), "center": counter.window - lo,
-                             "tokens": [text(x) for x in ids[lo:hi]], "acts": [round(a, 4) for a in acts[lo:hi]],
+                             "tokens": text.context(ids[lo:hi]), "acts": [round(a, 4) for a in acts[lo:hi]],
                              "source": top.source[i, j].tolist()})
             row["contexts"] = ctxs
         if roll is not None:
@@ -346,16 +385,31 @@ def inspect_text(model, tokenizer, sae, layer: int, text: str, top: int = 5) -> 
     z = sae.encode_dense(h.to(sae.dtype)).float().cpu()  # [T, d_sae]
     vals, idx = z.topk(min(top, z.shape[1]), dim=-1)
     name = TokenText(tokenizer)
-    return [{"position": t, "token_id": int(tok), "token": name(tok),
+    norms = h.float().norm(dim=-1).cpu()
+    shown = name.context(ids)
+    median = float(norms.median()) if len(ids) > 1 else float("nan")
+    return [{"position": t, "token_id": int(tok), "token": shown[t], "norm": float(norms[t]),
+             "outlier": bool(len(ids) > 1 and float(norms[t]) > INSPECT_OUTLIER_FACTOR * median),
              "features": [(int(i), float(v)) for i, v in zip(idx[t].tolist(), vals[t].tolist()) if v > 0]}
             for t, tok in enumerate(ids)]
 
 
+INSPECT_OUTLIER_FACTOR = 5.0
+"""`inspect` marks a token whose residual norm exceeds this many times the text's median norm
+(typically the first position, an attention sink, which SAE training drops)."""
+
+
 def format_inspection(rows: list[dict]) -> str:
-    """One line per token: position, the token (repr), then `feature:activation` pairs."""
+    """One line per token: position, the token (repr), then `feature:activation` pairs; tokens with
+    an outlier residual norm are marked `!` with their norm (their codes are out of distribution)."""
     width = max(len(repr(r["token"])) for r in rows)
-    return "\n".join(f"{r['position']:>4}  {repr(r['token']).ljust(width)}  " +
-                     ("  ".join(f"{i}:{v:.3f}" for i, v in r["features"]) or "(no feature fires)") for r in rows)
+    lines = []
+    for r in rows:
+        mark = f"  ! norm {r['norm']:.0f} > {INSPECT_OUTLIER_FACTOR:g}x median (outlier: SAE training drops such tokens)" \
+            if r.get("outlier") else ""
+        lines.append(f"{r['position']:>4}{'!' if r.get('outlier') else ' '} {repr(r['token']).ljust(width)}  " +
+                     ("  ".join(f"{i}:{v:.3f}" for i, v in r["features"]) or "(no feature fires)") + mark)
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- command
@@ -398,6 +452,9 @@ def characterize(cfg: FeaturesConfig, run: Run, model=None, tokenizer=None, sae=
     from .rollouts import RolloutSet
 
     t0 = time.time()
+    from .corpora import real_model_data_default
+
+    defaulted = cfg.tokens > 0 and real_model_data_default(cfg.data, cfg.model.name_or_path, "features")
     if model is None:
         model, tokenizer = load_model(cfg.model)
     if sae is None:
@@ -445,7 +502,8 @@ def characterize(cfg: FeaturesConfig, run: Run, model=None, tokenizer=None, sae=
     report = {"features_path": str(run.path("features.json")), "model": cfg.model.name_or_path, "layer": layer,
               "sae": sae_reference(sae), "tokens": counter.n_tokens, "token_source": what,
               "density_classes": classes, "healthy_fraction": classes["healthy"] / sae.cfg.d_sae,
-              "dead_fraction": classes["dead"] / sae.cfg.d_sae, "logit_effect": LOGIT_EFFECT}
+              "dead_fraction": classes["dead"] / sae.cfg.d_sae, "logit_effect": LOGIT_EFFECT,
+              "data_source": cfg.data.source if cfg.tokens > 0 else None, "data_source_defaulted": defaulted}
     if roll is not None:
         order = np.argsort(-np.abs(roll.auroc - 0.5))[:10]
         report["rollouts"] = {"dir": str(rs.dir), "n_responses": roll.n_responses, "n_correct": roll.n_correct,

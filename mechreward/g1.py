@@ -116,6 +116,10 @@ def _markdown(cfg: G1Config, r: dict, res: G1Result) -> str:
 
 def run_g1(cfg: G1Config, run: Run) -> dict:
     t0 = time.time()
+    if not cfg.rollouts:
+        from .tasks.loading import require_real_task
+
+        require_real_task(cfg.model.name_or_path, "g1", task=cfg.task)
     from .sae.formats import load_sae
 
     if cfg.rollouts:

@@ -43,6 +43,37 @@ class G2Config:
     """Run on a pack whose G1 verdict is FAIL or that G1 never validated (refused otherwise; reported)."""
     arms: list[str] = field(default_factory=lambda: list(ARMS))
     seed: int = 0
+    organism_defaults_ok: bool = False
+    """With a model other than the organism, G2 refuses to run while the organism's learning
+    rate (1e-4), steps (60) or task.n (700) are still in place (and warns about the organism's
+    arithmetic task / train_task); set each one for your model, or this to true to keep them."""
+
+
+ORGANISM_G2 = {"protocol.learning_rate": 1e-4, "protocol.steps": 60, "task.n": 700}
+"""conf/g2.yaml's organism values, which must not carry over to a real model unnoticed."""
+
+
+def check_real_model_settings(cfg: G2Config) -> list[str]:
+    """ConfigError for the organism's protocol values with a real model (all three still in
+    place); a warning for the organism's task / train_task. Returns the task leaks warned about."""
+    from .tasks.loading import organism_task_leaks, warn_organism_defaults
+
+    if cfg.organism_defaults_ok:
+        return []
+    tasks = warn_organism_defaults(cfg.model.name_or_path, "g2", organism_task_leaks(
+        cfg.model.name_or_path, {"task": cfg.task, "train_task": cfg.train_task}),
+        "set task and train_task for your model (e.g. task=addition train_task.name=addition)")
+    values = {"protocol.learning_rate": cfg.protocol.learning_rate, "protocol.steps": cfg.protocol.steps,
+              "task.n": cfg.task.n}
+    leaks = organism_task_leaks(cfg.model.name_or_path, {k: (values[k], v) for k, v in ORGANISM_G2.items()})
+    if len(leaks) < len(ORGANISM_G2):  # a protocol the user changed in part is a choice
+        return tasks
+    if leaks:
+        raise ConfigError(f"model {cfg.model.name_or_path!r} is not the organism, but G2 still has the organism's "
+                          f"{', '.join(leaks)}; set these for your model (e.g. train_task.name=math "
+                          "train_task.source=<file> protocol.learning_rate=3e-6 protocol.steps=30 task.n=null), "
+                          "or organism_defaults_ok=true to keep them deliberately")
+    return tasks
 
 
 # --------------------------------------------------------------------------- pack
@@ -135,12 +166,18 @@ def weights_sha(model) -> str:
 
 # --------------------------------------------------------------------------- command
 
-def heldout_questions(task, pack, n: int):
+def heldout_questions(task, pack, n: int, task_n: int | None = None):
+    """The first `n` questions of `task` not in the pack's G1 split. `task_n`: the task.n the task
+    was loaded with (the error says whether raising it can help)."""
     used = set((pack.provenance or {}).get("discovery") or []) | set((pack.provenance or {}).get("validation") or [])
     qs = [q for q in task.questions if q.id not in used]
     if len(qs) < n:
+        capped = task_n is not None and len(task.questions) >= task_n
+        fix = (f"raise task.n (now {task_n}) or lower protocol.n_eval" if capped else
+               f"the task has no more rows ({len(task.questions)} in all): lower protocol.n_eval to "
+               f"{len(qs)} or less, or use a larger task.source")
         raise DataError(f"only {len(qs)} held-out questions left after removing the pack's {len(used)} G1 questions; "
-                        f"need protocol.n_eval={n} (raise task.n)")
+                        f"need protocol.n_eval={n}: {fix}")
     return qs[:n]
 
 
@@ -153,6 +190,7 @@ def run_g2(cfg: G2Config, run: Run) -> dict:
 
     t0 = time.time()
     p = cfg.protocol
+    organism_defaults = check_real_model_settings(cfg)
     unknown = [a for a in cfg.arms if a not in ARMS]
     if unknown or not cfg.arms:
         raise ConfigError(f"unknown arms {unknown}; expected a subset of {list(ARMS)}")
@@ -166,7 +204,7 @@ def run_g2(cfg: G2Config, run: Run) -> dict:
     dir_reward = DirectionReward.from_pack(pack, per_token=p.per_token).to(device)
     rewards = {"R1": sae_reward, "R2": dir_reward}
     task = load_task(cfg.task)
-    eval_qs = heldout_questions(task, pack, p.n_eval)
+    eval_qs = heldout_questions(task, pack, p.n_eval, cfg.task.n)
     train_task = load_task(cfg.train_task)
     n_train = p.steps * p.questions_per_step
     if len(train_task.questions) < n_train:
@@ -185,6 +223,11 @@ def run_g2(cfg: G2Config, run: Run) -> dict:
     score_before = {arm: ev["score_mean"] for arm, ev in before.items()}
     del base
     print(f"G2: held-out accuracy before {acc_before:.3f} (n={len(eval_qs)}); pack {pack_path}")
+    no_answer_before = before["R1"]["n_no_answer"]
+    if no_answer_before:
+        from .probe import extraction_hint
+
+        print(f"G2: warning: held-out accuracy before {acc_before:.3f}" + extraction_hint(no_answer_before, len(eval_qs)))
 
     results: dict[str, list[dict]] = {a: [] for a in ARMS}
     for seed in p.seeds:
@@ -200,6 +243,7 @@ def run_g2(cfg: G2Config, run: Run) -> dict:
     report.update(pack_path=str(pack_path), model=cfg.model.name_or_path, layer=pack.layer,
                   pack_validation=pack.validation.get("verdict"), n_eval=len(eval_qs), n_train_questions=n_train,
                   protocol=asdict(p), prompt_format=describe(fmt, tok, eval_qs[0].prompt), pack_check=pack_check,
+                  n_no_answer_before=no_answer_before, organism_defaults=organism_defaults,
                   seconds=round(time.time() - t0, 1))
     run.write_report(report, _markdown(report))
     print(f"G2: verdict {report['verdict']}; R1-R0 {report['delta_r1_r0']['mean']:+.3f}, "

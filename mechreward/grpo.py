@@ -514,6 +514,7 @@ def evaluate_policy(model, tokenizer, questions, task, reward: HiddenStateReward
         samples = sample(model, tokenizer, prompts, n=n, greedy=greedy, temperature=temperature,
                          max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)
         correct = np.array([task.verify(s.text, questions[s.prompt_index].answer) for s in samples], dtype=float)
+        n_no_answer = int(sum(task.safe_extract(s.text) is None for s in samples))
         scores = np.full(len(samples), np.nan)
         if reward is not None:
             device = next(model.parameters()).device
@@ -542,7 +543,7 @@ def evaluate_policy(model, tokenizer, questions, task, reward: HiddenStateReward
         rho = float(spearman(scores[ok], correct[ok]).stat)
     return {"accuracy": float(correct.mean()) if len(correct) else float("nan"), "correct": correct, "prompt_ids": prompts,
             "score": scores, "score_mean": float(np.nanmean(scores)) if ok.any() else None, "rho": rho,
-            "n": int(len(samples))}
+            "n": int(len(samples)), "n_no_answer": n_no_answer}
 
 
 class HackingMonitor(TrainerCallback):

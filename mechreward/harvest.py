@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .activations import FilterConfig, LiveSource, StoreManifest, harvest_to_store
 from .cli import hydra_command
+from .corpora import real_model_data_default
 from .data import DataConfig, token_batches
 from .distributed import init as init_distributed
 from .errors import ConfigError
@@ -46,6 +47,7 @@ def run_harvest(cfg: HarvestConfig, run: Run) -> dict:
     if cfg.tokens <= 0 or cfg.batches_per_shard <= 0:
         raise ConfigError(f"tokens ({cfg.tokens}) and batches_per_shard ({cfg.batches_per_shard}) must be positive")
     world = init_distributed()  # under torchrun each rank writes its own shards of one store
+    defaulted = real_model_data_default(cfg.data, cfg.model.name_or_path, "harvest")
     model, tokenizer = load_model(cfg.model)
     n = len(find_layers(model))
     layers = sorted({normalize_layer(l, n) for l in cfg.layers})
@@ -64,7 +66,7 @@ def run_harvest(cfg: HarvestConfig, run: Run) -> dict:
         return {}
     report = {"store_dir": str(store), "model": manifest.model, "layers": layers, "tokens": manifest.tokens,
               "shards": len(manifest.shards), "dtype": cfg.dtype, "token_filter": manifest.stats,
-              "complete": manifest.complete}
+              "complete": manifest.complete, "data_source": cfg.data.source, "data_source_defaulted": defaulted}
     run.write_report(report, f"# Activation store\n\n{manifest.tokens:,} tokens of layers {layers} from "
                              f"`{manifest.model}` in {len(manifest.shards)} shards at `{store}`.\n\n"
                              "Token filter: " + ", ".join(f"{k} {v:,}" for k, v in manifest.stats.items()) + "\n")

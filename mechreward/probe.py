@@ -81,15 +81,29 @@ class FeatureStats:
                 "q": float(self.q[j]), "fire_count": int(self.fire_count[j])}
 
 
-def check_labels(labels, what: str) -> np.ndarray:
-    """0/1 labels with at least two of each class (a ddof=1 variance per class), else DataError."""
+def extraction_hint(n_no_answer: int | None, n: int) -> str:
+    """The sentence that says when grading, not the model, made responses wrong ('' when none did)."""
+    if not n_no_answer:
+        return ""
+    return (f"; {n_no_answer} of these {n} responses have no extractable answer, so the grader (not the model) "
+            "made them wrong: check the prompt asks for the answer format the grader reads, or set "
+            "task.answer_extraction (e.g. [marked,last_number] or ['regex:answer is (-?[0-9]+)'])")
+
+
+def check_labels(labels, what: str, no_answer=None) -> np.ndarray:
+    """0/1 labels with at least two of each class (a ddof=1 variance per class), else DataError.
+
+    `no_answer` (bool per response, optional): responses with no extractable answer; the error
+    says how many there were when they are why there are too few correct ones."""
     lab = np.asarray(labels).astype(int)
     n_pos, n_neg = int(lab.sum()), int((1 - lab).sum())
+    hint = extraction_hint(int(np.sum(no_answer)) if no_answer is not None else None, len(lab))
     if n_pos == 0 or n_neg == 0:
         raise DataError(f"{what}: labels are all {'correct' if n_neg == 0 else 'wrong'} ({len(lab)} responses); "
-                        "need both correct and wrong responses")
+                        "need both correct and wrong responses" + (hint if n_pos == 0 else ""))
     if min(n_pos, n_neg) < 2:
-        raise DataError(f"{what}: {n_pos} correct and {n_neg} wrong responses; need at least 2 of each")
+        raise DataError(f"{what}: {n_pos} correct and {n_neg} wrong responses; need at least 2 of each"
+                        + (hint if n_pos < 2 else ""))
     return lab
 
 

@@ -80,6 +80,9 @@ class RLConfig:
     multi_objective_aggregation; warned, trajectory rewards only)."""
     hacking_tolerance: float = 0.02
     """HACKING flag: held-out accuracy must fall by more than this (2 pp, as G2) while the mech score rises."""
+    organism_defaults_ok: bool = False
+    """With a model other than the organism, rl warns while task or eval_task is still the
+    organism's arithmetic task; true silences it (kept deliberately)."""
     grpo: dict = field(default_factory=dict)
     """GRPOConfig overrides by their TRL names."""
     eval_every: int = 10
@@ -154,6 +157,12 @@ def run_rl(cfg: RLConfig, run: Run) -> dict:
     t0 = time.time()
     if cfg.reward not in REWARDS:
         raise ConfigError(f"unknown reward {cfg.reward!r}; expected one of {REWARDS}")
+    from .tasks.loading import organism_task_leaks, warn_organism_defaults
+
+    if not cfg.organism_defaults_ok:
+        warn_organism_defaults(cfg.model.name_or_path, "rl", organism_task_leaks(
+            cfg.model.name_or_path, {"task": cfg.task, "eval_task": cfg.eval_task}),
+            "set task and eval_task for your model (e.g. task=addition eval_task.name=addition)")
     output_dir = cfg.output_dir or str(run.path("checkpoints"))
     args = build_grpo_args(cfg, output_dir)
     if cfg.dry_run:

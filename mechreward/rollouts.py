@@ -387,6 +387,10 @@ def generate_rollouts(cfg: RolloutsConfig, run: Run, model=None, tokenizer=None,
     """Sample, grade and capture for every question not yet in the rollout directory; return it."""
     if cfg.questions_per_shard < 1:
         raise ConfigError(f"questions_per_shard must be >= 1, got {cfg.questions_per_shard}")
+    from .tasks.loading import require_real_task
+
+    if questions is None:
+        require_real_task(cfg.model.name_or_path, "rollouts", task=cfg.task)
     if model is None:
         model, tokenizer = load_model(cfg.model)
     task = load_task(cfg.task)
@@ -432,11 +436,13 @@ def generate_rollouts(cfg: RolloutsConfig, run: Run, model=None, tokenizer=None,
             q = qs[s.prompt_index]
             records.append({"question_id": q.id, "sample_index": s.sample_index, "answer": q.answer,
                             "prompt_ids": s.prompt_ids, "completion_ids": s.completion_ids, "text": s.text,
-                            "correct": bool(task.verify(s.text, q.answer)), "logprobs": s.logprobs,
+                            "correct": bool(task.verify(s.text, q.answer)), "extracted": task.safe_extract(s.text),
+                            "logprobs": s.logprobs,
                             "length": len(s.completion_ids), "finish_reason": s.finish_reason})
         write_shard(out_dir / f"shard-{shard_no:05d}.safetensors", tensors, records)
         acc = float(np.mean([r["correct"] for r in records]))
         run.log(shard_no, shard=shard_no, questions=len(qs), rollouts=len(records), accuracy=acc,
+                no_answer=int(sum(r["extracted"] is None for r in records)),
                 seconds=round(time.time() - t0, 3))
         bar.update(len(qs))
     bar.close()
@@ -488,6 +494,16 @@ class RolloutSet:
     def labels(self) -> np.ndarray:
         """`[R]` 1 = correct."""
         return np.array([int(r["correct"]) for r in self.records])
+
+    @property
+    def no_answer(self) -> np.ndarray:
+        """`[R]` True where the grader found no extractable answer (False for records written
+        before this was recorded)."""
+        return np.array([("extracted" in r) and r["extracted"] is None for r in self.records], dtype=bool)
+
+    @property
+    def n_no_answer(self) -> int:
+        return int(self.no_answer.sum())
 
     @property
     def question_ids(self) -> np.ndarray:
@@ -562,10 +578,14 @@ def run_rollouts(cfg: RolloutsConfig, run: Run) -> dict:
               "accuracy": float(lab.mean()), "mean_length": float(rs.lengths.mean()),
               "truncated_fraction": float(np.mean([r["finish_reason"] == "length" for r in rs.records])),
               "layers": rs.layers, "sae": rs.header.get("sae"), "model": rs.model,
-              "prompt_format": rs.header.get("prompt_format"), "seconds": round(time.time() - t0, 1)}
+              "prompt_format": rs.header.get("prompt_format"), "seconds": round(time.time() - t0, 1),
+              "n_no_answer": rs.n_no_answer, "no_answer_fraction": rs.n_no_answer / max(1, len(rs)),
+              "answer_extraction": cfg.task.answer_extraction}
     md = ["# Rollouts", "", f"model `{rs.model}`, {report['n_questions']} questions, {len(rs)} rollouts in `{out}`", "",
           f"accuracy {report['accuracy']:.3f}, mean completion length {report['mean_length']:.1f} tokens, "
-          f"truncated {report['truncated_fraction']:.1%}", "", f"layers {rs.layers}; SAE sha256 {rs.sae_sha256}", ""]
+          f"truncated {report['truncated_fraction']:.1%}, no extractable answer {report['n_no_answer']} "
+          f"({report['no_answer_fraction']:.1%}; task.answer_extraction={cfg.task.answer_extraction})", "",
+          f"layers {rs.layers}; SAE sha256 {rs.sae_sha256}", ""]
     run.write_report(report, "\n".join(md))
     return report
 

@@ -24,6 +24,7 @@ from typing import Any
 
 from .activations import FilterConfig
 from .cli import hydra_command
+from .corpora import real_model_data_default
 from .data import DataConfig, heldout_set
 from .errors import ConfigError, ShapeError
 from .models import ModelConfig, find_layers, hidden_size, load_model, normalize_layer, resolve_device
@@ -69,6 +70,7 @@ def run_sae_eval(cfg: SAEEvalConfig, run: Run) -> dict:
     if not specs:
         raise ConfigError("no SAE to evaluate: set sae.path=<source> or saes=[...]")
     sources = [_parse_source(s, cfg.layer) for s in specs]
+    defaulted = real_model_data_default(cfg.data, cfg.model.name_or_path, "sae_eval")
     model, tokenizer = load_model(cfg.model)
     device = resolve_device(cfg.model.device)
     n_layers, d_model = len(find_layers(model)), hidden_size(model)
@@ -108,7 +110,8 @@ def run_sae_eval(cfg: SAEEvalConfig, run: Run) -> dict:
     report.update({"tokens": min(r["tokens"] for r in rows),
                    "sae_path": rows[0]["sae_path"] if len(rows) == 1 else [r["sae_path"] for r in rows],
                    "saes": rows, "model": cfg.model.name_or_path, "heldout_sequences": int(heldout.input_ids.shape[0]),
-                   "heldout_filter": dict(stats)})
+                   "heldout_filter": dict(stats),
+                   "data_source": data.source, "data_source_defaulted": defaulted})
     cols = ["sae", "layer", "format", "d_sae", "k", "variance_explained", "l0", "dead_fraction", "alive_fraction",
             "healthy_fraction"] + (["loss_recovered", "ce_increase", "kl_sae"] if cfg.splice else [])
     unit = ("one problem per row (padded to the longest)" if heldout.completion_mask is not None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,11 +23,12 @@ from .distributed import World, init as init_distributed, layers_for_rank
 from .activations import (ActivationSource, FilterConfig, LiveSource, StoreSource, TokenStats,
                           keep_mask, sae_batches)
 from .cli import hydra_command
+from .corpora import real_model_data_default
 from .data import ORGANISM_TEXT, DataConfig, HeldOut, heldout_set, token_batches
 from .errors import ConfigError, DataError
 from .models import (ModelConfig, ResidualCapture, find_layers, hidden_size, load_config, load_model, normalize_layer,
                      resolve_device)
-from .run import Run, markdown_table, progress, read_metrics
+from .run import Run, markdown_table, progress, read_metrics, show_progress
 from .sae.evaluate import activation_metrics, density_histogram_figure, splice_metrics
 from .sae.formats import save_sae
 from .sae.model import SAEConfig, SparseAutoencoder
@@ -79,6 +81,9 @@ class SAETrainRunConfig:
     """Where trained SAEs go (native / SAELens v6 layout)."""
     log_every: int = 25
     """Log metrics every this many steps (the only host syncs of the loop)."""
+    progress_every: int | None = None
+    """When stderr is not a terminal (CI, a log file), print one progress line (tokens, tokens/s,
+    fvu, ETA) every this many steps; None = every `log_every` steps, 0 = never."""
     eval_splice: bool = True
     """Measure loss recovered / KL by splicing the reconstruction into the model on held-out text."""
     tensorboard: bool = False
@@ -239,7 +244,11 @@ def train_saes(source: ActivationSource, cfg: SAETrainRunConfig, run: Run, check
                 row = {k: float(v) for k, v in o._asdict().items()
                        if isinstance(v, (int, float)) or (torch.is_tensor(v) and v.numel() == 1)}
                 loggers.log(step, {"layer": layer, "tokens": step * cfg.batch_size, "tokens_per_second": rate, **row})
-            bar.set_postfix(fvu=f"{float(next(iter(outs.values())).fvu):.3f}")
+            fvu = float(next(iter(outs.values())).fvu)
+            bar.set_postfix(fvu=f"{fvu:.3f}")
+            every_line = cfg.log_every if cfg.progress_every is None else cfg.progress_every
+            if every_line and not show_progress() and (step % every_line == 0 or step == steps):
+                print(progress_line(step, steps, cfg.batch_size, rate, fvu), file=sys.stderr, flush=True)
         if every and step % every == 0 and step < steps:
             save_checkpoint(run, trainers, step, position, source.checkpoint_stats, cfg, world, gather=by_layer)
         if step >= steps:
@@ -252,8 +261,17 @@ def train_saes(source: ActivationSource, cfg: SAETrainRunConfig, run: Run, check
     elapsed = time.time() - t0
     for sae in saes.values():
         sae.metadata_extra = {"tokens": step * cfg.batch_size, "steps": step,
+                              "dead_tokens": next(iter(trainers.values())).dead_tokens if trainers else None,
                               "tokens_per_second": (step - step0) * cfg.batch_size / max(elapsed, 1e-9)}
     return saes
+
+
+def progress_line(step: int, steps: int, batch_size: int, rate: float, fvu: float) -> str:
+    """One line of training progress for logs: step, tokens, tokens/s, fvu (first SAE), ETA."""
+    left = (steps - step) * batch_size / rate if rate > 0 else float("nan")
+    eta = f"{int(left // 60)}m{int(left % 60):02d}s" if left == left else "?"
+    return (f"sae_train: step {step}/{steps}, tokens {step * batch_size:,}/{steps * batch_size:,} "
+            f"({step / steps:.0%}), {rate:,.0f} tokens/s, fvu {fvu:.4f}, ETA {eta}")
 
 
 def save_checkpoint(run: Run, trainers: dict, step: int, position: tuple, stats: dict, cfg,
@@ -443,6 +461,7 @@ def run_sae_train(cfg: SAETrainRunConfig, run: Run) -> dict:
         print(f"resuming {run.dir} at step {checkpoint['step']}")
     world = init_distributed()
     device = world.device(resolve_device(cfg.model.device))
+    defaulted = real_model_data_default(cfg.data, cfg.model.name_or_path, "sae_train")  # held-out text too
     model, tokenizer = load_model(cfg.model)
     n_layers = len(find_layers(model))
     layers = sorted({normalize_layer(l, n_layers) for l in cfg.layers})
@@ -475,13 +494,14 @@ def run_sae_train(cfg: SAETrainRunConfig, run: Run) -> dict:
         world.barrier()
         return {}
     report = evaluate_and_save(cfg, run, model, tokenizer, saes, heldout,
-                               getattr(source, "consumed_stats", source.stats))
+                               getattr(source, "consumed_stats", source.stats), data_source_defaulted=defaulted)
     run.path(CHECKPOINT).unlink(missing_ok=True)
     world.barrier()
     return report
 
 
-def evaluate_and_save(cfg: SAETrainRunConfig, run: Run, model, tokenizer, saes: dict, heldout: HeldOut, stats) -> dict:
+def evaluate_and_save(cfg: SAETrainRunConfig, run: Run, model, tokenizer, saes: dict, heldout: HeldOut, stats,
+                      data_source_defaulted: bool = False) -> dict:
     layers = sorted(saes)
     held, keep, held_stats = heldout_activations(model, layers, heldout.input_ids, tokenizer, cfg.filters,
                                                  attention_mask=heldout.attention_mask, return_mask=True)
@@ -509,11 +529,13 @@ def evaluate_and_save(cfg: SAETrainRunConfig, run: Run, model, tokenizer, saes: 
     report.update({"tokens": per_layer[0]["tokens"], "tokens_per_second": min(r["tokens_per_second"] for r in per_layer),
                    "sae_path": per_layer[0]["sae_path"] if len(per_layer) == 1 else [r["sae_path"] for r in per_layer],
                    "layers": per_layer, "token_filter": dict(stats), "heldout_filter": dict(held_stats),
+                   "data_source": cfg.data.source, "data_source_defaulted": data_source_defaulted,
                    "config": {"d_sae": cfg.sae.d_sae, "k": cfg.sae.k, "architecture": cfg.sae.architecture,
                               "batch_size": cfg.batch_size, "model": cfg.model.name_or_path}})
     md = ["# SAE training report", "",
           f"model `{cfg.model.name_or_path}`, {cfg.sae.architecture} d_sae {cfg.sae.d_sae} k {cfg.sae.k}, "
-          f"{report['tokens']:,} tokens at {report['tokens_per_second']:,.0f} tokens/s", "",
+          f"{report['tokens']:,} tokens at {report['tokens_per_second']:,.0f} tokens/s of `{cfg.data.source}`"
+          + (" (defaulted: the model is not the organism)" if data_source_defaulted else ""), "",
           "Held-out metrics (worst over layers at the top of report.json; one row per SAE here):", "",
           markdown_table(per_layer, ["layer", "variance_explained", "l0", "dead_fraction", "alive_fraction",
                                      "healthy_fraction", "loss_recovered", "ce_increase", "kl_sae", "sae_path"]),

@@ -189,8 +189,9 @@ def run_gate(rs, protocol: G1Protocol, sae_ref: dict, model: str, layer: int) ->
     val = np.flatnonzero(np.isin(qids, val_q))
     check_disjoint(qids[disc].tolist(), qids[val].tolist())
     labels = rs.labels
-    check_labels(labels[disc], f"discovery split ({len(disc_q)} questions)")
-    check_labels(labels[val], f"validation split ({len(val_q)} questions)")
+    no_answer = rs.no_answer
+    check_labels(labels[disc], f"discovery split ({len(disc_q)} questions)", no_answer[disc])
+    check_labels(labels[val], f"validation split ({len(val_q)} questions)", no_answer[val])
     codes = rs.codes(protocol.pooling).numpy()  # [R, d_sae]
     pack, fs = build_pack(codes[disc], labels[disc], sae_ref, model, layer, protocol.pooling, protocol.selection,
                           provenance={"rollouts": str(rs.dir), "task": rs.header.get("task"),

@@ -21,6 +21,8 @@ ORGANISM_DIR = Path(__file__).resolve().parent / "weights"
 
 ORGANISM_SAE_DIR = Path(__file__).resolve().parent / "sae"
 """The organism's SAE (native / SAELens v6 layout): layer 2, TopK d_sae 2048, k 32, trained by
-`python -m mechreward.sae_train` with its defaults (800k tokens of the organism's text). Layer 2
+`python -m mechreward.sae_train` with its defaults (800k tokens of the organism's text) at the
+time, when `trainer.dead_tokens` was a fixed 10M (add `trainer.dead_tokens=10000000` to rebuild
+it: no latent counts as dead, no AuxK, in 800k tokens). Layer 2
 is the logit-lens commit layer of `python -m mechreward.layermap`; its top-10 |d| (16.7) is
 within 3% of the peak (layer 0, 17.2): the correctness signal is spread over layers 0-4."""

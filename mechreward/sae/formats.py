@@ -656,6 +656,19 @@ def detect_format(path: str | os.PathLike) -> str:
                          f"{ZAC_WEIGHTS}, Qwen-Scope layer<n>.sae.pt, caiovicentino a .pt state dict)")
 
 
+def folder_of_weights_file(path: Path) -> Path:
+    """A folder format's weights file given directly (`.../sae_weights.safetensors`, sparsify's
+    `sae.safetensors`, zactheaipm's `weights.safetensors`) → its folder, when the config file
+    that goes with it is beside it; any other path is returned as it is."""
+    pairs = {NATIVE_WEIGHTS: NATIVE_CFG, SPARSIFY_WEIGHTS: SPARSIFY_CFG, ZAC_WEIGHTS: ZAC_CFG}
+    if path.is_file() and path.name in pairs:
+        if (path.parent / pairs[path.name]).is_file():
+            return path.parent
+        raise SAEFormatError(f"{path}: a weights file without its {pairs[path.name]} beside it; "
+                             f"pass the folder holding both")
+    return path
+
+
 def _is_checkpoint(path: Path) -> bool:
     try:
         return any(detect(path) for detect, _ in READERS.values())
@@ -718,6 +731,7 @@ def load_sae(source: str | os.PathLike, format: str | None = None, device: torch
         path, fmt = resolved.path, fmt or resolved.format
         hints = {**resolved.hints, **{key: v for key, v in hints.items() if v is not None}}
         expect, hookpoint = resolved.expect, None
+    path = folder_of_weights_file(path)
     path = select_checkpoint(path, layer=layer, hookpoint=hookpoint)
     fmt = fmt or detect_format(path)
     if not path.exists():

@@ -247,6 +247,14 @@ def _from_hub(repo: str, layer: int | None, file: str | None, subfolder: str | N
             fmts = [f for f in fmts if all(x in present for x in layouts[f])] or fmts
         except Exception:
             pass
+    if len(fmts) > 1 and _offline():  # nothing to probe: say every layout that would be read
+        mirror = hub_mirror(repo)
+        options = "; ".join(f"{f}: {', '.join(files)}" for f, files in layouts.items())
+        raise SAEFormatError(
+            f"cannot get hub repo {repo!r} (HF_HUB_OFFLINE is set, and no known SAE layout is under {mirror}/ or "
+            f"in the HF cache). Download the files of its layout from https://huggingface.co/{repo} and put them "
+            f"under {mirror}/ (keeping their paths), one of: {options}; or pass format=<name> / file=<name> / "
+            f"hookpoint=<name> to name the layout, or load a local copy by its path")
     for f in fmts[:-1]:
         try:
             paths = fetch(repo, layouts[f], revision)
@@ -277,17 +285,45 @@ def resolve_source(source: str, *, layer: int | None = None, file: str | None = 
 
 # --------------------------------------------------------------------------- listing
 
-def local_saes(root: str | os.PathLike | None = None) -> list[dict[str, Any]]:
-    """SAEs trained or saved under the store (`sae/<name>/`, one level of hookpoint folders below):
-    name, model, layer, d_sae, k, format, path. Reads only the configs; hub mirrors are skipped."""
+RUN_SAE_DEPTH = 6
+"""How deep below a runs/ root `local_saes(deep=True)` looks for SAE folders."""
+
+
+def _deep_candidates(root: Path, depth: int) -> list[Path]:
+    """Folders under `root` (at most `depth` levels, hidden folders and hub mirrors skipped) that
+    hold an SAE config file."""
+    out, level = [], [root]
+    for _ in range(depth):
+        nxt = []
+        for d in level:
+            try:
+                children = sorted(c for c in d.iterdir() if c.is_dir() and not c.name.startswith(".") and c.name != "hub")
+            except OSError:
+                continue
+            for c in children:
+                if (c / "cfg.json").is_file() or (c / "config.json").is_file():
+                    out.append(c)
+                nxt.append(c)
+        level = nxt
+    return out
+
+
+def local_saes(root: str | os.PathLike | None = None, deep: bool = False) -> list[dict[str, Any]]:
+    """SAEs trained or saved under the store (`sae/<name>/`, one level of hookpoint folders below),
+    or with `deep` anywhere up to `RUN_SAE_DEPTH` levels below `root` (for `runs/`, where
+    sae_train runs with another `output_dir`, and the demo, save theirs): name, model, layer, d_sae,
+    k, format, path. Reads only the configs; hub mirrors are skipped."""
     from .formats import READERS, _read_json
 
     root = Path(root) if root is not None else store_dir()
     if not root.is_dir():
         return []
     rows = []
-    candidates = [p for p in sorted(root.iterdir()) if p.is_dir() and p.name != "hub" and not p.name.startswith(".")]
-    candidates += [c for p in list(candidates) for c in sorted(p.iterdir()) if c.is_dir()]
+    if deep:
+        candidates = _deep_candidates(root, RUN_SAE_DEPTH)
+    else:
+        candidates = [p for p in sorted(root.iterdir()) if p.is_dir() and p.name != "hub" and not p.name.startswith(".")]
+        candidates += [c for p in list(candidates) for c in sorted(p.iterdir()) if c.is_dir()]
     for p in candidates:
         fmt = next((f for f in ("native", "sparsify", "zactheaipm") if READERS[f][0](p)), None)
         if fmt is None:

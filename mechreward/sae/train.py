@@ -48,8 +48,10 @@ class TrainerConfig:
     """Dead latents per token in AuxK; None → d_in // 2 (at most d_sae)."""
     aux_coef: float = 1 / 32
     """AuxK loss coefficient."""
-    dead_tokens: int = 10_000_000
-    """A latent that has not fired for this many tokens is dead."""
+    dead_tokens: int | None = None
+    """A latent that has not fired for this many tokens is dead. None = scale with the run:
+    a fifth of its training tokens, at most 10M (sparsify's fixed 10M), at least one batch
+    (so a 600k-token run counts latents dead after 120k tokens instead of never)."""
     init_b_dec: str = "geometric_median"
     """`geometric_median` or `mean` of the first batch (or `zeros`)."""
     normalize_activations: bool = True
@@ -73,8 +75,19 @@ class TrainerConfig:
             raise ConfigError(f"decay_fraction={self.decay_fraction} must be in [0, 1]")
         if self.lr is not None and not self.lr > 0:
             raise ConfigError(f"lr={self.lr} must be positive")
-        if self.dead_tokens <= 0:
-            raise ConfigError(f"dead_tokens={self.dead_tokens} must be positive")
+        if self.dead_tokens is not None and self.dead_tokens <= 0:
+            raise ConfigError(f"dead_tokens={self.dead_tokens} must be positive (or null: scale with the run)")
+
+
+DEAD_TOKENS_MAX = 10_000_000
+DEAD_TOKENS_RUN_FRACTION = 0.2
+
+
+def resolve_dead_tokens(dead_tokens: int | None, run_tokens: int, batch_tokens: int) -> int:
+    """`TrainerConfig.dead_tokens`, with None resolved for a run of `run_tokens` tokens."""
+    if dead_tokens is not None:
+        return int(dead_tokens)
+    return max(int(batch_tokens), min(DEAD_TOKENS_MAX, int(DEAD_TOKENS_RUN_FRACTION * run_tokens)))
 
 
 class StepOutput(NamedTuple):
@@ -120,6 +133,8 @@ class SAETrainer:
         self.tokens_seen = 0
         self.initialized = False
         self.tokens_since_fired = torch.zeros(sae.cfg.d_sae, dtype=torch.int64, device=self.device)
+        self.dead_tokens: int | None = cfg.dead_tokens
+        """Resolved at the first step from the global batch size when the config says None."""
         ac = cfg.autocast
         if ac == "auto":
             ac = "bfloat16" if self.device.type == "cuda" else "none"
@@ -182,7 +197,7 @@ class SAETrainer:
     # ------------------------------------------------------------------ step
 
     def dead_mask(self) -> Tensor:
-        return self.tokens_since_fired >= self.cfg.dead_tokens
+        return self.tokens_since_fired >= (self.dead_tokens if self.dead_tokens is not None else DEAD_TOKENS_MAX)
 
     def step(self, x: Tensor) -> StepOutput:
         """One optimiser step on x [B, d_in]. No host sync; outputs stay on the device."""
@@ -193,9 +208,11 @@ class SAETrainer:
         sae, cfg = self.sae, self.cfg
         sae.train()
         n_tokens = x.shape[0] * (dp.world.world_size if dp else 1)
+        if self.dead_tokens is None:
+            self.dead_tokens = resolve_dead_tokens(None, self.total_steps * n_tokens, n_tokens)
 
         # Host-side bound: no latent can be dead before dead_tokens tokens were seen.
-        dead = self.dead_mask() if cfg.auxk and self.tokens_seen >= cfg.dead_tokens else None
+        dead = self.dead_mask() if cfg.auxk and self.tokens_seen >= self.dead_tokens else None
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
             out = sae(x, dead_mask=dead, k_aux=self.k_aux)
@@ -274,4 +291,4 @@ def effective_warmup(cfg: TrainerConfig, total_steps: int) -> int:
     return min(cfg.warmup_steps, int(WARMUP_MAX_FRACTION * total_steps))
 
 
-__all__ = ["TrainerConfig", "SAETrainer", "StepOutput", "effective_warmup"]
+__all__ = ["TrainerConfig", "SAETrainer", "StepOutput", "effective_warmup", "resolve_dead_tokens"]

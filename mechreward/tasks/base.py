@@ -39,6 +39,13 @@ class Task(ABC):
         """Whether an extracted answer matches the reference."""
         return predicted.strip() == reference.strip()
 
+    def safe_extract(self, completion: str) -> str | None:
+        """`extract` that never raises (None: no extractable answer)."""
+        try:
+            return self.extract(completion)
+        except Exception:  # noqa: BLE001 - a grader must not crash a run on odd model output
+            return None
+
     def verify(self, completion: str, reference: str) -> bool:
         """1/0 grading of a completion. Never raises: an unparseable answer is wrong."""
         try:

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 MATH_NAMES = ("gsm8k", "math")
 MCQ_NAMES = ("mcq", "supergpqa")
-TASK_NAMES = ("arithmetic", *MATH_NAMES, *MCQ_NAMES)
+TASK_NAMES = ("arithmetic", "addition", *MATH_NAMES, *MCQ_NAMES)
 LOCAL_SUFFIXES = (".jsonl", ".json")
 
 
@@ -31,13 +31,15 @@ class TaskConfig:
     """Which questions to use and how to read them (the `task:` group of every command)."""
 
     name: str = "arithmetic"
-    """`arithmetic` (built-in organism task), `gsm8k`/`math` (free-form math, MathTask) or
+    """`arithmetic` (built-in organism task), `addition` (generated "What is 47 + 8?" for small
+    chat models, mechreward.tasks.addition), `gsm8k`/`math` (free-form math, MathTask) or
     `mcq`/`supergpqa` (letter multiple choice, MCQTask)."""
     source: str | None = None
     """A local `.jsonl`/`.json` file, or a Hugging Face dataset id (`openai/gsm8k`).
     None for `arithmetic`, which generates its questions."""
     subset: str | None = None
-    """HF dataset configuration name (`main` for openai/gsm8k); ignored for local files."""
+    """HF dataset configuration name (`main` for openai/gsm8k); ignored for local files. For
+    `addition`: the operands, `2d+1d` (default), `1d` or `2d`."""
     split: str = "eval"
     """Dataset split (`test`, `train`); arithmetic has `train` and `eval`. Ignored for a
     `.jsonl` file; for a `.json` file holding `{split: [rows]}` it picks the list."""
@@ -56,6 +58,50 @@ class TaskConfig:
     """Prompt text with `{question}` (and for mcq `{choices}`); None = the task's default."""
     seed: int = 0
     """Seed for generated tasks (arithmetic); file/hub rows are taken in order, unshuffled."""
+    answer_extraction: list[str] | None = None
+    """Math tasks: how the final answer is read from a completion, methods tried in order, the
+    first that finds one wins: `boxed` (last `\\boxed{}`), `hash` (last `####`), `marked` (the
+    later of those two; the default), `last_number` (the last number anywhere, lenient: a chat
+    model answering "9 + 9 = 18") or `regex:<pattern>` (last match; group 1 if it has one).
+    None = [marked]. Responses with no extractable answer are counted in reports."""
+
+
+def organism_task_leaks(model_name: str, settings: dict[str, object]) -> list[str]:
+    """`key=value` of the settings that are still the organism's defaults while `model_name` is
+    a real model (empty for the organism). `settings` maps a setting's name to a pair
+    (value, organism default) or to a TaskConfig (which leaks when it is the arithmetic task)."""
+    from ..models import is_builtin_organism
+
+    if is_builtin_organism(model_name):
+        return []
+    out = []
+    for key, val in settings.items():
+        if isinstance(val, TaskConfig):
+            if val.name == "arithmetic":
+                out.append(f"{key}.name=arithmetic")
+        elif val[0] == val[1]:
+            out.append(f"{key}={val[0]}")
+    return out
+
+
+def warn_organism_defaults(model_name: str, command: str, leaks: list[str], fix: str) -> list[str]:
+    """Say on stderr (and in the log) that a model other than the organism runs with the
+    organism's defaults `leaks`; returns `leaks` for the report (`organism_defaults`)."""
+    if leaks:
+        import sys
+
+        msg = (f"{command}: warning: model {model_name!r} is not the organism, but runs with the organism's "
+               f"{', '.join(leaks)}; {fix}")
+        log.warning(msg)
+        print(msg, file=sys.stderr)
+    return leaks
+
+
+def require_real_task(model_name: str, command: str, **tasks: TaskConfig) -> list[str]:
+    """Warn when a model other than the organism runs on the organism's arithmetic task
+    (a model trained on it, a test model, may do so on purpose); returns the leaks."""
+    return warn_organism_defaults(model_name, command, organism_task_leaks(model_name, dict(tasks)),
+                                  "choose a task for your model (e.g. task=addition, or task.name=math task.source=<file>)")
 
 
 def _field(cfg: TaskConfig, which: str) -> str:
@@ -174,6 +220,12 @@ def load_task(cfg: TaskConfig) -> Task:
         if cfg.n is not None:
             kwargs["n"] = cfg.n
         return ArithmeticTask(**kwargs)
+    if name == "addition":
+        if cfg.source is not None:
+            raise ConfigError(f"the addition task generates its questions; got source={cfg.source!r}")
+        from .addition import addition_task
+
+        return addition_task(cfg.split, cfg.n, cfg.seed, cfg.subset, cfg.prompt_template, cfg.answer_extraction)
 
     if not cfg.source:
         raise ConfigError(f"task {cfg.name!r} needs task.source (a .jsonl/.json file or an HF dataset id)")
@@ -239,6 +291,9 @@ def load_task(cfg: TaskConfig) -> Task:
         )
     if cfg.n is not None and len(questions) < cfg.n:
         log.warning("%s: asked for n=%d questions, only %d usable", where, cfg.n, len(questions))
-    task: Task = MCQTask(questions) if mcq else MathTask(questions)
+    if mcq and cfg.answer_extraction:
+        raise ConfigError(f"task.answer_extraction={cfg.answer_extraction!r} applies to math tasks only; "
+                          f"task {cfg.name!r} reads a letter")
+    task: Task = MCQTask(questions) if mcq else MathTask(questions, extraction=cfg.answer_extraction)
     task.name = name
     return task

@@ -97,16 +97,69 @@ def _mv_timeout() -> int | None:
     return 5 if threading.current_thread() is threading.main_thread() else None
 
 
+EXTRACTION_METHODS = ("marked", "boxed", "hash", "last_number", "regex:<pattern>")
+"""How `task.answer_extraction` may read an answer (tried in the order given)."""
+
+
+def parse_extraction(methods: list[str] | str | None, fallback_last_number: bool = False) -> tuple[str, ...]:
+    """Validated extraction methods; ConfigError naming a bad one (or a regex that does not compile)."""
+    from ..errors import ConfigError
+
+    if methods is None or (not isinstance(methods, str) and len(methods) == 0):
+        out = ["marked"]
+    else:
+        out = [methods] if isinstance(methods, str) else [str(m) for m in methods]
+    for m in out:
+        if m.startswith("regex:"):
+            try:
+                re.compile(m[len("regex:"):])
+            except re.error as e:
+                raise ConfigError(f"task.answer_extraction: regex {m[6:]!r} does not compile: {e}") from None
+        elif m not in EXTRACTION_METHODS[:4]:
+            raise ConfigError(f"task.answer_extraction: unknown method {m!r}; expected one of {EXTRACTION_METHODS}")
+    if fallback_last_number and "last_number" not in out:
+        out.append("last_number")
+    return tuple(out)
+
+
+def extract_with(method: str, completion: str) -> str | None:
+    """The answer one extraction method reads from a completion, or None."""
+    if method == "marked":
+        return MathTask._marked_answer(completion)
+    if method == "boxed":
+        spans = [a for _, a in _boxed_spans(completion) if a]
+        return spans[-1] if spans else None
+    if method == "hash":
+        h = _hash_answer(completion)
+        return h[1] if h else None
+    if method == "last_number":
+        nums = _NUMBER_RE.findall(completion)
+        return nums[-1].strip() if nums else None
+    if method.startswith("regex:"):
+        matches = list(re.finditer(method[len("regex:"):], completion))
+        if not matches:
+            return None
+        m = matches[-1]
+        ans = (m.group(1) if m.re.groups else m.group(0)).strip()
+        return ans or None
+    raise ValueError(f"unknown extraction method {method!r}")
+
+
 class MathTask(Task):
     """Free-form math answers (GSM8K, MATH): `#### <ans>` or `\\boxed{<ans>}`, math-verify equivalence."""
 
     name = "math"
 
-    def __init__(self, questions: list[Question], fallback_last_number: bool = False):
+    def __init__(self, questions: list[Question], fallback_last_number: bool = False,
+                 extraction: list[str] | str | None = None):
         super().__init__(questions)
-        self.fallback_last_number = fallback_last_number
-        """When no `####`/`\\boxed{}` answer is found, take the last number in the completion
-        (lenient; off by default so a reward never credits an unmarked answer)."""
+        self.extraction = parse_extraction(extraction, fallback_last_number)
+        """Extraction methods tried in order (see `EXTRACTION_METHODS`); `fallback_last_number`
+        appends `last_number` (lenient; off by default so a reward never credits an unmarked answer)."""
+
+    @property
+    def fallback_last_number(self) -> bool:
+        return "last_number" in self.extraction
 
     @staticmethod
     def format_prompt(question: str, template: str = DEFAULT_PROMPT) -> str:
@@ -134,12 +187,13 @@ class MathTask(Task):
         return max(cands, key=lambda c: c[0])[1]
 
     def extract(self, completion: str) -> str | None:
-        """The last `####`/`\\boxed{}` answer (nested braces kept), or None."""
-        ans = self._marked_answer(completion)
-        if ans is None and self.fallback_last_number:
-            nums = _NUMBER_RE.findall(completion)
-            ans = nums[-1].strip() if nums else None
-        return ans
+        """The answer found by the first extraction method that finds one (default: the last
+        `####`/`\\boxed{}` answer, nested braces kept), or None."""
+        for method in self.extraction:
+            ans = extract_with(method, completion)
+            if ans is not None:
+                return ans
+        return None
 
     def equivalent(self, predicted: str, reference: str) -> bool:
         """math-verify equivalence; a strict numeric, then string comparison when it cannot parse."""
