@@ -19,7 +19,7 @@ import numpy as np
 
 from .cli import hydra_command
 from .errors import ConfigError, DataError
-from .gates.g2 import ARMS, G2Protocol, summarise
+from .gates.g2 import ARMS, EXTRA_ARMS, METRICS, G2Protocol, summarise
 from .models import ModelConfig, load_model, resolve_device
 from .run import Run, markdown_table
 from .tasks import TaskConfig, load_task
@@ -39,7 +39,12 @@ class G2Config:
     sae_path: str | None = None
     """Override the pack's recorded SAE path."""
     protocol: G2Protocol = field(default_factory=G2Protocol)
+    protocol_for: str | None = None
+    """The model `protocol` was chosen for. conf/g2.yaml sets `organism` (its protocol is tuned for the
+    built-in organism: full fine-tuning, a high lr); a run on another model is refused until this names
+    that model (after choosing `protocol.*`; the G2Protocol defaults are the published settings). null = any."""
     arms: list[str] = field(default_factory=lambda: list(ARMS))
+    """The compared arms: always R0, R1, R2 (add arms with `protocol.extra_arms`)."""
     seed: int = 0
 
 
@@ -83,11 +88,60 @@ def _dataset(questions):
     return Dataset.from_list([{"prompt": q.prompt, "answer": q.answer, "question_id": q.id} for q in questions])
 
 
-def run_arm(arm: str, seed: int, cfg: G2Config, task, train_qs, eval_qs, rewards: dict, out_dir: Path) -> dict:
-    """Train one arm from fresh weights (base model reloaded, new LoRA) and evaluate it on held-out questions."""
+def evaluate_heldout(model, tokenizer, eval_qs, task, p: G2Protocol, reward=None, greedy: bool = True) -> dict:
+    """Held-out accuracy as GRPO changes it: per question, the mean correct over `eval_samples` completions
+    sampled at the training temperature (seed `eval_seed`, the same for every arm and seed), and, with
+    `greedy`, greedy correctness. `score_mean`: `reward`'s mean score on the sampled completions."""
+    from .grpo import evaluate_policy
+
+    k = p.eval_samples
+    ev = evaluate_policy(model, tokenizer, eval_qs, task, reward, n=k, greedy=False, temperature=p.temperature,
+                         max_new_tokens=p.eval_max_new_tokens, seed=p.eval_seed)
+    out = {"sampled": ev["correct"].reshape(len(eval_qs), k).mean(1), "score_mean": ev["score_mean"]}
+    if greedy:
+        out["greedy"] = evaluate_policy(model, tokenizer, eval_qs, task, None, greedy=True,
+                                        max_new_tokens=p.eval_max_new_tokens)["correct"]
+    return out
+
+
+def _curve_callback(tokenizer, eval_qs, task, p: G2Protocol, curve: list, log):
+    """Held-out sampled and greedy accuracy every `eval_every` steps (appended to `curve`, logged)."""
+    from transformers import TrainerCallback
+
+    class HeldoutCurve(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if p.eval_every and state.global_step % p.eval_every == 0 and state.global_step < state.max_steps:
+                ev = evaluate_heldout(model, tokenizer, eval_qs, task, p)
+                pt = {"step": state.global_step, "sampled": float(ev["sampled"].mean()),
+                      "greedy": float(ev["greedy"].mean())}
+                curve.append(pt)
+                log(pt)
+
+    return HeldoutCurve()
+
+
+def reward_record(f) -> dict:
+    """What one reward function of an arm is: its class, TRL name and (mech rewards) layer / pack / SAE."""
+    rec = {"class": type(f).__name__, "name": getattr(f, "__name__", type(f).__name__)}
+    if getattr(f, "layer", None) is not None:
+        rec["layer"] = int(f.layer)
+    pack = getattr(f, "pack", None)
+    if pack is not None:
+        rec["n_features"] = len(pack.features)
+        rec["sae"] = (pack.sae or {}).get("name") or (pack.sae or {}).get("path")
+    direction = getattr(f, "direction", None)
+    if direction is not None:
+        rec["direction_norm"] = float(direction.norm())
+    return rec
+
+
+def run_arm(arm: str, seed: int, cfg: G2Config, task, train_qs, eval_qs, rewards: dict, out_dir: Path,
+            log=None) -> dict:
+    """Train one arm from fresh weights (base model reloaded, new LoRA or full fine-tuning) and evaluate it
+    on held-out questions (sampled and greedy accuracy; every `eval_every` steps for the learning curve)."""
     from peft import LoraConfig
 
-    from .grpo import MechGRPOTrainer, evaluate_policy, grpo_config
+    from .grpo import MechGRPOTrainer, grpo_config
     from .reward import OutcomeReward
 
     p = cfg.protocol
@@ -99,23 +153,41 @@ def run_arm(arm: str, seed: int, cfg: G2Config, task, train_qs, eval_qs, rewards
         output_dir=str(out_dir), per_device_train_batch_size=bs, num_generations=p.rollouts_per_question,
         max_steps=p.steps, learning_rate=p.learning_rate, beta=p.beta, max_completion_length=p.max_completion_length,
         temperature=p.temperature, seed=seed, data_seed=seed, logging_steps=1, report_to="none", save_strategy="no",
-        use_cpu=on_cpu, bf16=False, disable_dropout=True, shuffle_dataset=True), p.grpo)
+        use_cpu=on_cpu, bf16=False, disable_dropout=True, shuffle_dataset=True,
+        **({"reward_weights": [1.0, p.lam]} if rewards.get(arm) is not None else {})), p.grpo)
     mech = rewards.get(arm)
     funcs = [OutcomeReward(task)] + ([mech] if mech is not None else [])
-    lora = LoraConfig(r=p.lora_r, lora_alpha=p.lora_alpha, target_modules=p.lora_target_modules, lora_dropout=0.0,
-                      task_type="CAUSAL_LM")
+    kw = {}
+    if p.adapter == "lora":
+        kw["peft_config"] = LoraConfig(r=p.lora_r, lora_alpha=p.lora_alpha, target_modules=p.lora_target_modules,
+                                       lora_dropout=0.0, task_type="CAUSAL_LM")
+    curve: list[dict] = []
+    cb = _curve_callback(tokenizer, eval_qs, task, p, curve,
+                         lambda pt: log and log(kind="curve", arm=arm, seed=seed, **pt))
     trainer = MechGRPOTrainer(model, reward_funcs=funcs, args=args, train_dataset=_dataset(train_qs),
-                              processing_class=tokenizer, peft_config=lora, mech_lambda=p.lam)
+                              processing_class=tokenizer, mech_lambda=p.lam, callbacks=[cb], **kw)
+    if hasattr(mech, "bind"):
+        mech.bind(trainer)
     init_sha = weights_sha(trainer.model)
     trainer.train()
-    corr = [r[k] for r in trainer.state.log_history for k in r if k.endswith("_outcome_corr")]
-    ev = evaluate_policy(trainer.model, tokenizer, eval_qs, task, rewards.get(arm) or rewards.get("R1"),
-                         greedy=True, max_new_tokens=p.eval_max_new_tokens)
-    return {"arm": arm, "seed": seed, "accuracy": ev["accuracy"], "correct": ev["correct"].tolist(),
-            "score_mean": ev["score_mean"], "mech_outcome_corr": float(np.mean(corr)) if corr else None,
-            "train_reward_outcome": [r.get("rewards/outcome/mean") for r in trainer.state.log_history
-                                     if "rewards/outcome/mean" in r],
-            "init_weights_sha": init_sha, "seconds": round(time.time() - t0, 1)}
+    history = trainer.state.log_history
+    corr = [r[k] for r in history for k in r if k.endswith("_outcome_corr")]
+    score_reward = mech if hasattr(mech, "token_values") else (rewards.get("R1") if arm == "R0" else None)
+    ev = evaluate_heldout(trainer.model, tokenizer, eval_qs, task, p, score_reward)
+    final = {"step": p.steps, "sampled": float(ev["sampled"].mean()), "greedy": float(ev["greedy"].mean())}
+    curve.append(final)
+    if log:
+        log(kind="curve", arm=arm, seed=seed, **final)
+    reward_metrics = sorted({k.split("/")[1] for r in history for k in r if k.startswith("rewards/") and
+                             k.endswith("/mean")})
+    return {"arm": arm, "seed": seed, "sampled": ev["sampled"].tolist(), "greedy": ev["greedy"].tolist(),
+            "accuracy": final[p.verdict_metric], "score_mean": ev["score_mean"],
+            "mech_outcome_corr": float(np.mean(corr)) if corr else None,
+            "train_reward_outcome": [r.get("rewards/outcome/mean") for r in history if "rewards/outcome/mean" in r],
+            "rewards": {"functions": [reward_record(f) for f in trainer.reward_funcs],
+                        "logged": reward_metrics, "weights": [float(w) for w in trainer.reward_weights]},
+            "curve": curve, "init_weights_sha": init_sha, "final_weights_sha": weights_sha(trainer.model),
+            "seconds": round(time.time() - t0, 1)}
 
 
 def weights_sha(model) -> str:
@@ -141,23 +213,30 @@ def heldout_questions(task, pack, n: int):
 
 
 def run_g2(cfg: G2Config, run: Run) -> dict:
-    from .grpo import evaluate_policy
+    from .confidence import MeanLogProbReward
     from .probe import FeaturePack
     from .reward import DirectionReward, SAEFeatureReward
 
     t0 = time.time()
     p = cfg.protocol
-    unknown = [a for a in cfg.arms if a not in ARMS]
-    if unknown or not cfg.arms:
-        raise ConfigError(f"unknown arms {unknown}; expected a subset of {list(ARMS)}")
-    if set(cfg.arms) != set(ARMS):
-        raise ConfigError("the G2 verdict needs all three arms R0, R1, R2")
+    p.check()
+    if list(cfg.arms) != list(ARMS):
+        raise ConfigError(f"arms={list(cfg.arms)}: the G2 verdict needs the three arms {list(ARMS)}; "
+                          f"add arms with protocol.extra_arms (one of {sorted(EXTRA_ARMS)})")
+    if cfg.protocol_for is not None and cfg.protocol_for != cfg.model.name_or_path:
+        raise ConfigError(f"protocol_for={cfg.protocol_for!r} but model.name_or_path={cfg.model.name_or_path!r}: "
+                          f"the protocol settings (adapter={p.adapter}, lr={p.learning_rate}, steps={p.steps}) were "
+                          f"chosen for {cfg.protocol_for!r}; choose protocol.* for this model (published: adapter=lora, "
+                          f"lora_r=32, learning_rate=3e-6, steps=30) and set protocol_for={cfg.model.name_or_path!r}")
+    arm_names = list(ARMS) + list(p.extra_arms)
     pack_path = resolve_pack(cfg, run)
     pack = FeaturePack.load(pack_path)
     device = resolve_device(cfg.model.device)
     sae_reward = SAEFeatureReward.from_pack(pack_path, cfg.sae_path, device=device, per_token=p.per_token)
     dir_reward = DirectionReward.from_pack(pack, per_token=p.per_token).to(device)
     rewards = {"R1": sae_reward, "R2": dir_reward}
+    for a in p.extra_arms:
+        rewards[a] = MeanLogProbReward()
     task = load_task(cfg.task)
     eval_qs = heldout_questions(task, pack, p.n_eval)
     train_task = load_task(cfg.train_task)
@@ -167,55 +246,136 @@ def run_g2(cfg: G2Config, run: Run) -> dict:
                         f"{p.questions_per_step} need {n_train}")
     train_qs = train_task.questions[:n_train]
 
-    # Before: every arm starts from the same weights (a fresh LoRA is the identity), so once.
+    # Before: every arm starts from the same weights (a fresh LoRA is the identity), so once. The sampled
+    # completions are the same for both scorings (same eval_seed).
     base, tok = load_model(cfg.model)
-    before = {arm: evaluate_policy(base, tok, eval_qs, task, r, greedy=True, max_new_tokens=p.eval_max_new_tokens)
-              for arm, r in rewards.items()}
-    acc_before = before["R1"]["accuracy"]
-    score_before = {arm: ev["score_mean"] for arm, ev in before.items()}
+    ev1 = evaluate_heldout(base, tok, eval_qs, task, p, sae_reward)
+    ev2 = evaluate_heldout(base, tok, eval_qs, task, p, dir_reward, greedy=False)
+    before = {"sampled": ev1["sampled"], "greedy": ev1["greedy"],
+              "score": {"R0": ev1["score_mean"], "R1": ev1["score_mean"], "R2": ev2["score_mean"]}}
     del base
-    print(f"G2: held-out accuracy before {acc_before:.3f} (n={len(eval_qs)}); pack {pack_path}")
+    b0 = {"step": 0, "sampled": float(before["sampled"].mean()), "greedy": float(before["greedy"].mean())}
+    print(f"G2: held-out accuracy before: sampled {b0['sampled']:.3f} ({p.eval_samples} samples at "
+          f"T={p.temperature}), greedy {b0['greedy']:.3f} (n={len(eval_qs)}); pack {pack_path}")
 
-    results: dict[str, list[dict]] = {a: [] for a in ARMS}
+    results: dict[str, list[dict]] = {a: [] for a in arm_names}
     for seed in p.seeds:
-        for arm in ARMS:
-            res = run_arm(arm, seed, cfg, task, train_qs, eval_qs, rewards, run.path(f"arms/{arm}-seed{seed}"))
+        for arm in arm_names:
+            run.log(0, kind="curve", arm=arm, seed=seed, **{k: v for k, v in b0.items() if k != "step"})
+            res = run_arm(arm, seed, cfg, task, train_qs, eval_qs, rewards, run.path(f"arms/{arm}-seed{seed}"),
+                          log=lambda **m: run.log(m.pop("step"), **m))
+            res["curve"].insert(0, dict(b0))
             results[arm].append(res)
-            run.log(sum(len(v) for v in results.values()), arm=arm, seed=seed, accuracy=res["accuracy"],
-                    init_weights_sha=res["init_weights_sha"],
-                    mech_score=res["score_mean"], mech_outcome_corr=res["mech_outcome_corr"], seconds=res["seconds"])
-            print(f"G2: {arm} seed {seed}: held-out accuracy {res['accuracy']:.3f} ({res['seconds']}s)")
-    report = summarise(results, acc_before, score_before, p)
+            run.log(p.steps, kind="final", arm=arm, seed=seed, accuracy_sampled=float(np.mean(res["sampled"])),
+                    accuracy_greedy=float(np.mean(res["greedy"])), init_weights_sha=res["init_weights_sha"],
+                    rewards=[f["name"] for f in res["rewards"]["functions"]], mech_score=res["score_mean"],
+                    mech_outcome_corr=res["mech_outcome_corr"], seconds=res["seconds"])
+            print(f"G2: {arm} seed {seed}: held-out accuracy sampled {np.mean(res['sampled']):.3f}, "
+                  f"greedy {np.mean(res['greedy']):.3f} ({res['seconds']}s)")
+    report = summarise(results, before, p)
     report.update(pack_path=str(pack_path), model=cfg.model.name_or_path, layer=pack.layer,
                   pack_validation=pack.validation.get("verdict"), n_eval=len(eval_qs), n_train_questions=n_train,
                   protocol=asdict(p), seconds=round(time.time() - t0, 1))
+    report["plots"] = {"learning_curves": _curve_figure(run, report)}
     run.write_report(report, _markdown(report))
-    print(f"G2: verdict {report['verdict']}; R1-R0 {report['delta_r1_r0']['mean']:+.3f}, "
-          f"R1-R2 {report['delta_r1_r2']['mean']:+.3f}; hacked={report['hacked']} ({report['seconds']}s)")
+    print(f"G2: verdict {report['verdict']} (flags {report['flags']}); R0 gain {report['r0_gain']['mean']:+.3f} "
+          f"CI {_ci(report['r0_gain']['ci95_two_level'])}; R1-R0 {report['delta_r1_r0']['mean']:+.3f}, "
+          f"R1-R2 {report['delta_r1_r2']['mean']:+.3f}; MDE {_num(report['mde_r1_r0']['mde'])}; "
+          f"hacked seeds {report['hacked_seeds'] or 'none'} ({report['seconds']}s)")
     return report
 
 
+def _num(x, fmt: str = ".3f") -> str:
+    return "n/a" if x is None else format(x, fmt)
+
+
+def _ci(ci) -> str:
+    return "n/a" if ci is None else f"[{ci[0]:+.3f}, {ci[1]:+.3f}]"
+
+
+def _curve_figure(run: Run, r: dict) -> str:
+    """learning_curves.png: held-out accuracy vs step per arm (mean over seeds, band = min..max of seeds),
+    sampled and greedy side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharex=True)
+    for ax, m in zip(axes, ("sampled", "greedy")):
+        for arm in r["arm_names"]:
+            c = r["arms"][arm]["curves"]
+            ys = np.array([[np.nan if v is None else v for v in row] for row in c[m]], dtype=float)  # [S, P]
+            x = np.array(c["steps"])
+            line, = ax.plot(x, np.nanmean(ys, 0), marker="o", ms=3, label=arm)
+            if ys.shape[0] > 1:
+                ax.fill_between(x, np.nanmin(ys, 0), np.nanmax(ys, 0), color=line.get_color(), alpha=0.2)
+        ax.set_xlabel("GRPO step")
+        ax.set_ylabel(f"held-out accuracy ({m})")
+        ax.set_title(m + (f" ({r['protocol']['eval_samples']} samples, T={r['protocol']['temperature']})"
+                          if m == "sampled" else ""))
+    axes[0].legend()
+    fig.suptitle(f"G2 learning curves (mean over seeds {r['protocol']['seeds']}, band = seed range)")
+    return run.save_figure(fig, "learning_curves.png").name
+
+
 def _markdown(r: dict) -> str:
-    rows = [{"arm": a, "acc_mean": v["acc_mean"], "acc_ci95": f"[{v['acc_ci95'][0]:.3f}, {v['acc_ci95'][1]:.3f}]",
-             "per_seed": ", ".join(f"{x:.3f}" for x in v["per_seed"]),
-             "mech score before→after": f"{v['mech_score_before']} → {v['mech_score_after']}", "hacked": v["hacked"]}
-            for a, v in r["arms"].items()]
+    vm = r["verdict_metric"]
+    rows = []
+    for a in r["arm_names"]:
+        v = r["arms"][a]
+        rows.append({"arm": a, "trains with": " + ".join(f["name"] for f in (v.get("rewards") or {}).get("functions", [])),
+                     f"{vm} acc": f"{v['acc_mean']:.3f} [{v['acc_ci95'][0]:.3f}, {v['acc_ci95'][1]:.3f}]",
+                     "gain vs before": f"{v['gain']['mean']:+.3f} {_ci(v['gain']['ci95_two_level'])}",
+                     "sampled per seed": ", ".join(f"{x:.3f}" for x in v["sampled"]["per_seed"]),
+                     "greedy per seed": ", ".join(f"{x:.3f}" for x in v["greedy"]["per_seed"]),
+                     "mech score before→after": f"{_num(v['mech_score_before'], '.4g')} → "
+                                                f"{_num(v['mech_score_after'], '.4g')}",
+                     "hacked seeds": ", ".join(map(str, v["hacked_seeds"])) or "none"})
 
     def d(x):
-        ci = x["ci95"]
-        return f"{x['mean']:+.4f} (seeds CI {ci}, questions CI {x['ci95_questions']})"
+        return (f"{x['mean']:+.4f} (two-level CI {_ci(x['ci95_two_level'])}, seeds CI {_ci(x['ci95'])}, "
+                f"questions CI {_ci(x['ci95_questions'])}); per seed "
+                + ", ".join(f"{v:+.3f}" for v in x["per_seed"]))
 
-    p = r["protocol"]
-    return "\n".join([
+    p, mde, g = r["protocol"], r["mde_r1_r0"], r["r0_gain"]
+    ab = r["acc_before_by_metric"]
+    lines = [
         "# Gate G2: tiny RL sanity (three arms)", "",
         f"model `{r['model']}`, layer {r['layer']}, pack `{r['pack_path']}` (G1 verdict {r['pack_validation']}); "
-        f"{p['steps']} steps × {p['questions_per_step']} questions × {p['rollouts_per_question']} rollouts, "
-        f"λ={p['lam']}, β={p['beta']}, lr={p['learning_rate']}, LoRA r={p['lora_r']}/α={p['lora_alpha']}, "
-        f"seeds {p['seeds']}, {r['n_eval']} held-out questions (greedy); accuracy before {r['acc_before']:.3f}.", "",
+        f"{p['steps']} steps × {p['questions_per_step']} questions × {p['rollouts_per_question']} rollouts at "
+        f"T={p['temperature']}, λ={p['lam']}, β={p['beta']}, lr={p['learning_rate']}, "
+        + (f"LoRA r={p['lora_r']}/α={p['lora_alpha']}" if p["adapter"] == "lora" else "full fine-tuning")
+        + f", seeds {p['seeds']}; {r['n_eval']} held-out questions: sampled accuracy (mean of "
+        f"{p['eval_samples']} samples per question at T={p['temperature']}) before {ab['sampled']:.3f}, "
+        f"greedy before {ab['greedy']:.3f}. The verdict uses the {vm} accuracy.", "",
         f"## Verdict: **{r['verdict']}**" + (f" — flags: {', '.join(r['flags'])}" if r["flags"] else ""), "",
-        "Rule (published): R1 ≥ R0 + 2pp and R1 − R2 ≥ 5pp → PASS-EXCELLENT; first only → PASS-PARTIAL; else FAIL.", "",
+    ]
+    if r["no_learning"]:
+        lines += [f"NO_LEARNING: outcome-only RL (R0) did not improve held-out {vm} accuracy "
+                  f"(gain {g['mean']:+.3f}, CI {_ci(g['ci95_two_level'])} does not lie above 0), so no arm can be "
+                  f"told from another; the published rule would say {r['published_rule_verdict']}.", ""]
+    else:
+        lines += [f"R0 learned: held-out {vm} accuracy gain {g['mean']:+.3f}, CI {_ci(g['ci95_two_level'])}.", ""]
+    lines += [
+        "Rule (published): R1 ≥ R0 + 2pp and R1 − R2 ≥ 5pp → PASS-EXCELLENT; first only → PASS-PARTIAL; else FAIL. "
+        "INCONCLUSIVE when NO_LEARNING.", "",
         markdown_table(rows), "",
-        f"R1 − R0: {d(r['delta_r1_r0'])}", "", f"R1 − R2: {d(r['delta_r1_r2'])}", ""])
+        f"R1 − R0: {d(r['delta_r1_r0'])}", "", f"R1 − R2: {d(r['delta_r1_r2'])}", ""]
+    for a in r["arm_names"][3:]:
+        lines += [f"R1 − {a}: {d(r['delta_r1_' + a.lower()])}", ""]
+    if mde["mde"] is not None:
+        lines += [f"Power: seed-to-seed SD of {vm} accuracy {mde['seed_sd']:.4f} (pooled within arms, df {mde['df']}); "
+                  f"minimum detectable R1−R0 difference with {mde['n_seeds']} seeds at α=0.05, power {mde['power']}: "
+                  f"{mde['mde']:.4f}; the published 2pp margin needs about {mde['seeds_for_2pp']} seeds.", ""]
+    else:
+        lines += [f"Power: {mde['note']}.", ""]
+    if r["hacked_seeds"]:
+        lines += ["HACKED: " + "; ".join(f"{a} seeds {', '.join(map(str, s))}" for a, s in r["hacked_seeds"].items())
+                  + f" (held-out mech score rose while {vm} accuracy fell by more than "
+                  f"{r['thresholds']['hack_acc_tolerance']}).", ""]
+    lines += [f"![learning curves]({r['plots']['learning_curves']})", ""]
+    return "\n".join(lines)
 
 
 main = hydra_command("g2", G2Config, run_g2)
