@@ -1,12 +1,14 @@
-"""`python -m mechreward.g2`: gate G2, three GRPO arms (R0 outcome, R1 + λ·SAE pack, R2 + λ·direction).
+"""`python -m mechreward.g2`: gate G2, GRPO arms R0 outcome, R1 + λ·SAE pack, R2 + λ·direction (+ optional LP).
 
 With no arguments: the organism with its G1 pack (the latest `runs/g1/*/feature_pack.json` of
 the organism, or a G1 run made now into `<run dir>/g1`), arithmetic train questions for RL and
-held-out eval questions not used by G1, 3 seeds, on a CPU in ≤ 15 minutes. conf/g2.yaml holds
-the organism's settings (see its comments for which differ from the published ones: 30 steps,
-2 questions × 2 rollouts, LoRA r=32/α=64, λ=0.1, β=0.05, lr 1e-6…3e-6, 50–100 held-out questions).
-`pack=<file>` picks a pack; the SAE is the pack's (`sae_path=` to relocate it).
-Protocol, statistics and verdict: `mechreward.gates.g2`.
+held-out eval questions not used by G1, 3 seeds, on a CPU. conf/g2.yaml holds the organism's
+settings (its comments say which differ from the published ones: 30 steps, 2 questions × 2
+rollouts, LoRA r=32/α=64, λ=0.1, β=0.05, lr 1e-6…3e-6, 50–100 held-out questions) and refuses
+them for another model (`protocol_for`). `pack=<file>` picks a pack; the SAE is the pack's
+(`sae_path=` to relocate it). Held-out accuracy is sampled at the training temperature (the
+verdict's metric) and greedy, every `protocol.eval_every` steps into metrics.jsonl
+(`kind: curve`) and `learning_curves.png`. Protocol, statistics and verdict: `mechreward.gates.g2`.
 """
 
 from __future__ import annotations
@@ -46,6 +48,16 @@ class G2Config:
     arms: list[str] = field(default_factory=lambda: list(ARMS))
     """The compared arms: always R0, R1, R2 (add arms with `protocol.extra_arms`)."""
     seed: int = 0
+
+
+def organism_protocol() -> G2Protocol:
+    """The organism's G2 protocol as conf/g2.yaml sets it (for callers that build a G2Config in code, e.g. the demo)."""
+    from omegaconf import OmegaConf
+
+    from .cli import CONF_DIR
+
+    raw = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "g2.yaml").protocol, resolve=True)
+    return G2Protocol(**{**asdict(G2Protocol()), **raw})
 
 
 # --------------------------------------------------------------------------- pack
