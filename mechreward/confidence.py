@@ -24,7 +24,7 @@ class MeanLogProbReward:
         self.name = "mean_logprob"
         self.__name__ = "mean_logprob"
 
-    def bind(self, trainer) -> "MeanLogProbReward":
+    def bind(self, trainer) -> MeanLogProbReward:
         """Attach the `MechGRPOTrainer` whose policy and sampled ids the reward reads."""
         self.trainer = trainer
         return self

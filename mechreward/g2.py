@@ -21,7 +21,7 @@ import numpy as np
 
 from .cli import hydra_command
 from .errors import ConfigError, DataError
-from .gates.g2 import ARMS, EXTRA_ARMS, METRICS, G2Protocol, summarise
+from .gates.g2 import ARMS, EXTRA_ARMS, G2Protocol, summarise
 from .models import ModelConfig, load_model, resolve_device
 from .run import Run, markdown_table
 from .tasks import TaskConfig, load_task
@@ -108,11 +108,12 @@ def evaluate_heldout(model, tokenizer, eval_qs, task, p: G2Protocol, reward=None
 
     k = p.eval_samples
     ev = evaluate_policy(model, tokenizer, eval_qs, task, reward, n=k, greedy=False, temperature=p.temperature,
-                         max_new_tokens=p.eval_max_new_tokens, seed=p.eval_seed)
+                         max_new_tokens=p.eval_max_new_tokens, seed=p.eval_seed, batch_size=p.eval_batch_size)
     out = {"sampled": ev["correct"].reshape(len(eval_qs), k).mean(1), "score_mean": ev["score_mean"]}
     if greedy:
         out["greedy"] = evaluate_policy(model, tokenizer, eval_qs, task, None, greedy=True,
-                                        max_new_tokens=p.eval_max_new_tokens)["correct"]
+                                        max_new_tokens=p.eval_max_new_tokens,
+                                        batch_size=p.eval_batch_size)["correct"]
     return out
 
 
@@ -364,22 +365,22 @@ def _markdown(r: dict) -> str:
         f"## Verdict: **{r['verdict']}**" + (f" — flags: {', '.join(r['flags'])}" if r["flags"] else ""), "",
     ]
     if r["no_learning"]:
-        lines += [f"NO_LEARNING: outcome-only RL (R0) did not improve held-out {vm} accuracy "
+        lines += [(f"NO_LEARNING: outcome-only RL (R0) did not improve held-out {vm} accuracy "
                   f"(gain {g['mean']:+.3f}, CI {_ci(g['ci95_two_level'])} does not lie above 0), so no arm can be "
-                  f"told from another; the published rule would say {r['published_rule_verdict']}.", ""]
+                  f"told from another; the published rule would say {r['published_rule_verdict']}."), ""]
     else:
         lines += [f"R0 learned: held-out {vm} accuracy gain {g['mean']:+.3f}, CI {_ci(g['ci95_two_level'])}.", ""]
     lines += [
-        "Rule (published): R1 ≥ R0 + 2pp and R1 − R2 ≥ 5pp → PASS-EXCELLENT; first only → PASS-PARTIAL; else FAIL. "
-        "INCONCLUSIVE when NO_LEARNING.", "",
+        ("Rule (published): R1 ≥ R0 + 2pp and R1 − R2 ≥ 5pp → PASS-EXCELLENT; first only → PASS-PARTIAL; else FAIL. "
+        "INCONCLUSIVE when NO_LEARNING."), "",
         markdown_table(rows), "",
         f"R1 − R0: {d(r['delta_r1_r0'])}", "", f"R1 − R2: {d(r['delta_r1_r2'])}", ""]
     for a in r["arm_names"][3:]:
         lines += [f"R1 − {a}: {d(r['delta_r1_' + a.lower()])}", ""]
     if mde["mde"] is not None:
-        lines += [f"Power: seed-to-seed SD of {vm} accuracy {mde['seed_sd']:.4f} (pooled within arms, df {mde['df']}); "
+        lines += [(f"Power: seed-to-seed SD of {vm} accuracy {mde['seed_sd']:.4f} (pooled within arms, df {mde['df']}); "
                   f"minimum detectable R1−R0 difference with {mde['n_seeds']} seeds at α=0.05, power {mde['power']}: "
-                  f"{mde['mde']:.4f}; the published 2pp margin needs about {mde['seeds_for_2pp']} seeds.", ""]
+                  f"{mde['mde']:.4f}; the published 2pp margin needs about {mde['seeds_for_2pp']} seeds."), ""]
     else:
         lines += [f"Power: {mde['note']}.", ""]
     if r["hacked_seeds"]:

@@ -9,8 +9,15 @@ import pytest
 import torch
 
 from mechreward.errors import ConfigError
-from mechreward.gates.g2 import (ARMS, G2Protocol, hacked, min_detectable_difference, summarise, two_level_ci,
-                                 verdict)
+from mechreward.gates.g2 import (
+    ARMS,
+    G2Protocol,
+    hacked,
+    min_detectable_difference,
+    summarise,
+    two_level_ci,
+    verdict,
+)
 from mechreward.stats import paired_bootstrap_ci
 
 
@@ -35,12 +42,12 @@ def _results(acc, n_q=40, seed=0, scores=None, before=0.5):
 
     def rates(a):
         hits = np.zeros(n_q * k)
-        hits[rng.permutation(n_q * k)[:int(round(a * n_q * k))]] = 1
+        hits[rng.permutation(n_q * k)[:round(a * n_q * k)]] = 1
         return hits.reshape(n_q, k).mean(1)
 
     def zero_one(a):
         c = np.zeros(n_q)
-        c[rng.permutation(n_q)[:int(round(a * n_q))]] = 1
+        c[rng.permutation(n_q)[:round(a * n_q)]] = 1
         return c
 
     out = {}
@@ -101,7 +108,7 @@ def test_min_detectable_difference_matches_statsmodels():
 
     r0, r1 = [0.50, 0.53, 0.47, 0.52], [0.55, 0.54, 0.58, 0.57]
     out = min_detectable_difference({"R0": r0, "R1": r1}, power=0.8)
-    sd = np.sqrt(((np.var(r0, ddof=1) + np.var(r1, ddof=1)) / 2))
+    sd = np.sqrt((np.var(r0, ddof=1) + np.var(r1, ddof=1)) / 2)
     es = TTestIndPower().solve_power(nobs1=4, ratio=1.0, alpha=0.05, power=0.8, alternative="two-sided")
     assert out["seed_sd"] == pytest.approx(sd) and out["df"] == 6
     assert out["mde"] == pytest.approx(es * sd, rel=1e-3)

@@ -84,6 +84,8 @@ class G2Protocol:
     eval_seed: int = 1234
     """Seed of the held-out sampling, the same for every arm and seed (common random numbers)."""
     eval_max_new_tokens: int = 64
+    eval_batch_size: int = 64
+    """Sequences per generate call in the held-out evaluation (larger is faster on a CPU for a tiny model)."""
     verdict_metric: str = "sampled"
     """Held-out accuracy the verdict, NO_LEARNING and HACKED use: `sampled` or `greedy` (both are reported)."""
     extra_arms: list[str] = field(default_factory=list)
