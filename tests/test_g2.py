@@ -1,5 +1,6 @@
-"""G2: the published verdict rules, the statistics of the report, and the three-arm command end to end
-on a tiny model (fresh identical starting weights per arm and seed, report keys)."""
+"""G2: the published verdict rules, the statistics of the report (two-level CIs, NO_LEARNING, MDE against
+statsmodels, HACKED per seed), and the command end to end on a tiny model (fresh identical starting weights
+per arm and seed, which reward each arm trained with, learning curves, NO_LEARNING when the policy cannot move)."""
 
 import json
 
@@ -7,9 +8,17 @@ import numpy as np
 import pytest
 import torch
 
-from mechreward.gates.g2 import ARMS, G2Protocol, hacked, summarise, verdict
+from mechreward.errors import ConfigError
+from mechreward.gates.g2 import (
+    ARMS,
+    G2Protocol,
+    hacked,
+    min_detectable_difference,
+    summarise,
+    two_level_ci,
+    verdict,
+)
 from mechreward.stats import paired_bootstrap_ci
-
 
 
 @pytest.mark.parametrize("d10,d12,name", [(0.02, 0.05, "PASS-EXCELLENT"), (0.03, 0.049, "PASS-PARTIAL"),
@@ -25,47 +34,113 @@ def test_hacked_needs_score_up_and_accuracy_down():
     assert not hacked(0.1, 0.3, 0.6, 0.58, tolerance=0.05)
 
 
-def _results(acc, n_q=20, seed=0):
-    """Per-arm, per-seed results with exactly `acc[arm][s] * n_q` correct questions."""
+def _results(acc, n_q=40, seed=0, scores=None, before=0.5):
+    """Per-arm, per-seed results: sampled per-question rates with mean exactly `acc[arm][s]` (multiples of
+    1/(4 n_q)), greedy 0/1 with the same mean rounded; `before` sampled and greedy accuracy of the start."""
     rng = np.random.default_rng(seed)
+    k = 4
+
+    def rates(a):
+        hits = np.zeros(n_q * k)
+        hits[rng.permutation(n_q * k)[:round(a * n_q * k)]] = 1
+        return hits.reshape(n_q, k).mean(1)
+
+    def zero_one(a):
+        c = np.zeros(n_q)
+        c[rng.permutation(n_q)[:round(a * n_q)]] = 1
+        return c
+
     out = {}
     for arm, accs in acc.items():
-        rows = []
-        for s, a in enumerate(accs):
-            c = np.zeros(n_q)
-            c[rng.permutation(n_q)[:int(round(a * n_q))]] = 1
-            rows.append({"seed": s, "accuracy": float(c.mean()), "correct": c.tolist(),
-                         "score_mean": {"R0": None, "R1": 0.5, "R2": -0.2}[arm]})
-        out[arm] = rows
-    return out
+        out[arm] = [{"seed": s, "sampled": rates(a).tolist(), "greedy": zero_one(a).tolist(),
+                     "score_mean": None if scores is None else scores[arm][s]} for s, a in enumerate(accs)]
+    b = {"sampled": rates(before), "greedy": zero_one(before), "score": {"R1": 0.1, "R2": 0.0}}
+    return out, b
 
 
-def test_summary_means_paired_cis_and_hacked_flag():
-    acc = {"R0": [0.40, 0.45, 0.50], "R1": [0.50, 0.55, 0.50], "R2": [0.40, 0.40, 0.45]}
-    rep = summarise(_results(acc), acc_before=0.6, score_before={"R1": 0.1, "R2": 0.0},
-                    protocol=G2Protocol(n_boot=2000))
-    assert set(rep["arms"]) == set(ARMS)
+def test_summary_means_paired_cis_and_verdict_when_r0_learns():
+    acc = {"R0": [0.60, 0.625, 0.65], "R1": [0.70, 0.725, 0.70], "R2": [0.60, 0.60, 0.625]}
+    res, before = _results(acc, before=0.5)
+    rep = summarise(res, before, G2Protocol(n_boot=2000))
+    assert set(rep["arms"]) == set(ARMS) and rep["verdict_metric"] == "sampled"
     assert rep["arms"]["R1"]["per_seed"] == pytest.approx(acc["R1"])
+    assert rep["arms"]["R1"]["sampled"]["per_seed"] == pytest.approx(acc["R1"])
     assert rep["arms"]["R1"]["acc_mean"] == pytest.approx(np.mean(acc["R1"]))
     assert rep["delta_r1_r0"]["mean"] == pytest.approx(np.mean(acc["R1"]) - np.mean(acc["R0"]))
     ci = paired_bootstrap_ci(acc["R1"], acc["R0"], n_boot=2000)
     assert rep["delta_r1_r0"]["ci95"] == pytest.approx([ci.low, ci.high])
-    assert rep["verdict"] == "PASS-EXCELLENT"  # +6.7pp over R0, +10pp over R2
-    # R1's held-out score rose (0.1 → 0.5) while accuracy fell from 0.6: hacked
-    assert rep["arms"]["R1"]["hacked"] and not rep["arms"]["R2"]["hacked"] and rep["hacked"]
+    # R0 gained 12.5pp over 0.5 on every seed: it learned, the published rule decides
+    assert rep["r0_gain"]["mean"] == pytest.approx(np.mean(acc["R0"]) - 0.5)
+    assert rep["r0_gain"]["ci95_two_level"][0] > 0 and not rep["no_learning"]
+    assert "NO_LEARNING" not in rep["flags"]
+    assert rep["verdict"] == rep["published_rule_verdict"] == "PASS-EXCELLENT"  # +8pp over R0, +10pp over R2
     lo, hi = rep["arms"]["R0"]["acc_ci95"]
     assert lo <= rep["arms"]["R0"]["acc_mean"] <= hi and hi - lo > 0
 
 
-def test_g2_command_runs_three_arms_from_identical_fresh_weights(tmp_path):
-    from mechreward.g2 import G2Config, run_g2
-    from mechreward.models import ModelConfig
+def test_no_learning_makes_the_verdict_inconclusive_not_fail():
+    # R0 moves by +0.6pp (noise); R1 is 5pp below R0: the published rule says FAIL, but R0 never learned
+    acc = {"R0": [0.50, 0.5125, 0.50], "R1": [0.45, 0.4625, 0.45], "R2": [0.45, 0.45, 0.45]}
+    res, before = _results(acc, before=0.5)
+    rep = summarise(res, before, G2Protocol(n_boot=2000))
+    lo, hi = rep["r0_gain"]["ci95_two_level"]
+    assert lo <= 0 <= hi and rep["no_learning"] and "NO_LEARNING" in rep["flags"]
+    assert rep["published_rule_verdict"] == "FAIL" and rep["verdict"] == "INCONCLUSIVE"
+
+
+def test_two_level_ci_matches_the_question_bootstrap_with_one_seed_and_widens_with_seed_spread():
+    rng = np.random.default_rng(0)
+    a = rng.uniform(0, 1, (1, 300))
+    b = rng.uniform(0, 1, 300)
+    lo, hi = two_level_ci(a, b, n_boot=4000)
+    ci = paired_bootstrap_ci(a[0], b, n_boot=4000, seed=5)
+    assert lo == pytest.approx(ci.low, abs=0.01) and hi == pytest.approx(ci.high, abs=0.01)
+    # the same questions, but seeds that disagree by ±0.1: the seed resampling widens the interval
+    spread = np.vstack([a[0] - 0.1, a[0], a[0] + 0.1])
+    lo3, hi3 = two_level_ci(spread, b, n_boot=4000)
+    assert hi3 - lo3 > 1.5 * (hi - lo)
+    # a constant gain of exactly 0.1 has the CI [0.1, 0.1]
+    assert two_level_ci(np.full((3, 50), 0.6), np.full(50, 0.5)) == pytest.approx([0.1, 0.1])
+
+
+def test_min_detectable_difference_matches_statsmodels():
+    from statsmodels.stats.power import TTestIndPower
+
+    r0, r1 = [0.50, 0.53, 0.47, 0.52], [0.55, 0.54, 0.58, 0.57]
+    out = min_detectable_difference({"R0": r0, "R1": r1}, power=0.8)
+    sd = np.sqrt((np.var(r0, ddof=1) + np.var(r1, ddof=1)) / 2)
+    es = TTestIndPower().solve_power(nobs1=4, ratio=1.0, alpha=0.05, power=0.8, alternative="two-sided")
+    assert out["seed_sd"] == pytest.approx(sd) and out["df"] == 6
+    assert out["mde"] == pytest.approx(es * sd, rel=1e-3)
+    assert min_detectable_difference({"R0": [0.5], "R1": [0.6]})["mde"] is None
+
+
+def test_hacked_is_flagged_per_seed_even_when_the_seed_mean_hides_it():
+    # R1 seed 1: score up (0.1 → 0.4) and accuracy down 10pp; seeds 0 and 2 gained accuracy, so the
+    # seed means show accuracy up (no hacking by means), but seed 1 is hacked and named
+    acc = {"R0": [0.60, 0.60, 0.60], "R1": [0.70, 0.40, 0.70], "R2": [0.55, 0.55, 0.55]}
+    scores = {"R0": [None] * 3, "R1": [0.05, 0.4, 0.05], "R2": [-0.1, -0.1, -0.1]}
+    res, before = _results(acc, scores=scores, before=0.5)
+    rep = summarise(res, before, G2Protocol(n_boot=500))
+    assert rep["arms"]["R1"]["acc_mean"] > rep["arms"]["R1"]["acc_before"]
+    assert not hacked(0.1, rep["arms"]["R1"]["mech_score_after"], 0.5, rep["arms"]["R1"]["acc_mean"], 0.02)
+    assert rep["arms"]["R1"]["hacked_seeds"] == [1] and rep["hacked_seeds"] == {"R1": [1]}
+    assert rep["hacked"] and "HACKED" in rep["flags"] and not rep["arms"]["R2"]["hacked"]
+
+
+def test_protocol_check_names_the_setting():
+    for kw, name in [({"adapter": "qlora"}, "protocol.adapter"), ({"verdict_metric": "mean"}, "verdict_metric"),
+                     ({"extra_arms": ["R9"]}, "extra_arms"), ({"eval_samples": 0}, "eval_samples"),
+                     ({"seeds": [1, 1]}, "seeds")]:
+        with pytest.raises(ConfigError, match=name):
+            G2Protocol(**kw).check()
+
+
+def _tiny_setup(tmp_path):
     from mechreward.probe import FeaturePack
     from mechreward.rollouts import sae_reference
-    from mechreward.run import Run
     from mechreward.sae import SAEConfig, SparseAutoencoder
     from mechreward.sae.formats import load_sae, save_sae
-    from mechreward.tasks import TaskConfig
     from tests.tiny import save_tiny
 
     model_dir = str(save_tiny(tmp_path / "m", "qwen3"))
@@ -78,26 +153,69 @@ def test_g2_command_runs_three_arms_from_identical_fresh_weights(tmp_path):
                        provenance={"direction": torch.randn(64).tolist(), "discovery": [], "validation": [],
                                    "prompt_format": {"chat_template": False}},
                        validation={"verdict": "PASS"})
-    pack_path = pack.save(tmp_path / "pack.json")
+    return model_dir, pack.save(tmp_path / "pack.json")
+
+
+def test_g2_command_trains_each_arm_with_its_reward_and_flags_no_learning_at_lr_0(tmp_path):
+    from mechreward.g2 import G2Config, run_g2
+    from mechreward.models import ModelConfig
+    from mechreward.run import Run, read_metrics
+    from mechreward.tasks import TaskConfig
+
+    model_dir, pack_path = _tiny_setup(tmp_path)
     cfg = G2Config(model=ModelConfig(model_dir, device="cpu"), pack=str(pack_path),
                    task=TaskConfig(split="eval", n=8), train_task=TaskConfig(split="train", n=8))
     p = cfg.protocol
-    p.steps, p.questions_per_step, p.rollouts_per_question = 1, 2, 2
+    p.steps, p.questions_per_step, p.rollouts_per_question, p.eval_every, p.eval_samples = 2, 2, 2, 1, 2
     p.seeds, p.n_eval, p.max_completion_length, p.eval_max_new_tokens = [0, 1], 4, 4, 4
-    p.lora_r, p.lora_alpha, p.n_boot, p.learning_rate = 4, 8, 200, 1e-3
+    p.lora_r, p.lora_alpha, p.n_boot, p.learning_rate = 4, 8, 200, 0.0  # lr 0: the policy cannot move
+    p.extra_arms = ["LP"]
     run = Run(tmp_path / "run", "g2")
     rep = run_g2(cfg, run)
     on_disk = json.loads((tmp_path / "run" / "report.json").read_text())
-    assert on_disk["verdict"] == rep["verdict"] and set(on_disk["arms"]) == {"R0", "R1", "R2"}
-    for arm in ARMS:
+    assert on_disk["verdict"] == rep["verdict"] and set(on_disk["arms"]) == {"R0", "R1", "R2", "LP"}
+    # which reward each arm trained with: the trainer's reward functions and the reward metrics TRL logged
+    fn = {a: rep["arms"][a]["rewards"]["functions"] for a in rep["arm_names"]}
+    logged = {a: rep["arms"][a]["rewards"]["logged"] for a in rep["arm_names"]}
+    assert [f["class"] for f in fn["R0"]] == ["OutcomeReward"] and logged["R0"] == ["outcome"]
+    assert [f["class"] for f in fn["R1"]] == ["OutcomeReward", "SAEFeatureReward"]
+    assert fn["R1"][1]["layer"] == 1 and fn["R1"][1]["n_features"] == 20
+    assert set(logged["R1"]) == {"outcome", "sae_feature"}
+    assert [f["class"] for f in fn["R2"]] == ["OutcomeReward", "DirectionReward"] and fn["R2"][1]["layer"] == 1
+    assert fn["R2"][1]["direction_norm"] == pytest.approx(float(torch.tensor(
+        json.loads(pack_path.read_text())["provenance"]["direction"]).norm()), rel=1e-5)
+    assert set(logged["R2"]) == {"outcome", "direction"}
+    assert [f["class"] for f in fn["LP"]] == ["OutcomeReward", "MeanLogProbReward"]
+    assert set(logged["LP"]) == {"outcome", "mean_logprob"}
+    for a in ("R1", "R2", "LP"):
+        assert rep["arms"][a]["rewards"]["weights"] == pytest.approx([1.0, p.lam])
+    for arm in rep["arm_names"]:
         a = rep["arms"][arm]
-        assert len(a["per_seed"]) == 2 and a["seeds"] == [0, 1]
-        assert set(a) >= {"acc_mean", "acc_ci95", "per_seed", "hacked"}
-    for k in ("delta_r1_r0", "delta_r1_r2"):
-        assert set(rep[k]) >= {"mean", "ci95"}
-    # identical starting weights (base + fresh LoRA) for every arm of a seed; a new seed, a new LoRA init
-    sha = {arm: rep["arms"][arm]["init_weights_sha"] for arm in ARMS}
-    assert sha["R0"][0] == sha["R1"][0] == sha["R2"][0]
-    assert sha["R0"][1] == sha["R1"][1] == sha["R2"][1]
-    assert sha["R0"][0] != sha["R0"][1]
-    assert rep["verdict"] in ("PASS-EXCELLENT", "PASS-PARTIAL", "FAIL")
+        assert a["seeds"] == [0, 1] and len(a["sampled"]["per_seed"]) == 2 and len(a["greedy"]["per_seed"]) == 2
+        # identical starting weights per seed across arms; a new seed, a new LoRA init; lr 0 moved nothing
+        assert a["final_weights_sha"] == a["init_weights_sha"]
+        # learning curve: before, step 1, after (step 2), per seed
+        assert a["curves"]["steps"] == [0, 1, 2] and len(a["curves"]["sampled"]) == 2
+    sha = {arm: rep["arms"][arm]["init_weights_sha"] for arm in rep["arm_names"]}
+    assert sha["R0"][0] == sha["R1"][0] == sha["R2"][0] == sha["LP"][0] != sha["R0"][1] == sha["R1"][1]
+    # the policy did not move: the held-out samples (same eval seed) are the same, gain 0, NO_LEARNING
+    for arm in rep["arm_names"]:
+        assert rep["arms"][arm]["gain"]["per_seed"] == pytest.approx([0.0, 0.0])
+    assert rep["no_learning"] and "NO_LEARNING" in rep["flags"] and rep["verdict"] == "INCONCLUSIVE"
+    assert rep["mde_r1_r0"]["n_seeds"] == 2
+    curve_rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r.get("kind") == "curve"]
+    assert {(r["arm"], r["seed"], r["step"]) for r in curve_rows} == {
+        (a, s, t) for a in rep["arm_names"] for s in (0, 1) for t in (0, 1, 2)}
+    assert (tmp_path / "run" / "learning_curves.png").stat().st_size > 0
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert "INCONCLUSIVE" in md and "NO_LEARNING" in md and "learning_curves.png" in md
+
+
+def test_g2_refuses_organism_protocol_on_another_model(tmp_path):
+    from mechreward.g2 import G2Config, run_g2
+    from mechreward.models import ModelConfig
+    from mechreward.run import Run
+
+    cfg = G2Config(model=ModelConfig("some/other-model", device="cpu"), protocol_for="organism")
+    with pytest.raises(ConfigError, match="protocol_for"):
+        run_g2(cfg, Run(tmp_path / "run", "g2"))

@@ -88,22 +88,21 @@ def test_stdlib_corpora_are_english_and_the_default_for_a_real_model(capsys):
     assert not real_model_data_default(cfg, "organism", "sae_train") and cfg.source == "organism"
 
 
-def test_g2_refuses_organism_protocol_and_warns_on_organism_tasks_for_a_real_model(capsys):
-    from mechreward.g2 import G2Config, check_real_model_settings
+def test_g2_warns_on_organism_tasks_and_refuses_the_organism_protocol_for_a_real_model(capsys, tmp_path):
+    from mechreward.g2 import G2Config, check_real_model_settings, run_g2
     from mechreward.models import ModelConfig
+    from mechreward.run import Run
 
     cfg = G2Config(model=ModelConfig(name_or_path="some/real-model"))
-    cfg.protocol.learning_rate, cfg.protocol.steps = 1e-4, 60
-    with pytest.raises(ConfigError) as e:
-        check_real_model_settings(cfg)
-    for key in ("protocol.learning_rate=0.0001", "protocol.steps=60", "task.n=700"):
-        assert key in str(e.value)
-    assert "task.name=arithmetic, train_task.name=arithmetic" in capsys.readouterr().err
-    cfg.protocol.steps = 30  # a protocol set for the model: the task leaks are only reported
-    assert check_real_model_settings(cfg) == ["task.name=arithmetic", "train_task.name=arithmetic"]
+    cfg.task.n = 700  # conf/g2.yaml's organism value
+    assert check_real_model_settings(cfg) == ["task.name=arithmetic", "train_task.name=arithmetic", "task.n=700"]
+    assert "task.name=arithmetic, train_task.name=arithmetic, task.n=700" in capsys.readouterr().err
     cfg.organism_defaults_ok = True
     assert check_real_model_settings(cfg) == []
     assert check_real_model_settings(G2Config()) == []  # the organism keeps its defaults
+    cfg.protocol_for = "organism"  # conf/g2.yaml: the protocol was tuned for the organism
+    with pytest.raises(ConfigError, match="protocol_for='organism' but model.name_or_path='some/real-model'"):
+        run_g2(cfg, Run(tmp_path / "g2"))
 
 
 def test_g2_heldout_error_says_whether_task_n_or_the_data_is_short():
