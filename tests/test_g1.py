@@ -196,7 +196,7 @@ def test_g1_command_end_to_end_on_a_tiny_model(tmp_path):
     out = tmp_path / "run"
     args = [sys.executable, "-m", "mechreward.g1", f"hydra.run.dir={out}", f"model.name_or_path={tmp_path / 'model'}",
             "model.device=cpu", "task.name=mcq", f"task.source={tmp_path / 'q.jsonl'}", "task.n=null",
-            f"sae.path={tmp_path / 'sae'}", "sampling.max_new_tokens=16", "sampling.batch_size=35",
+            f"sae.path={tmp_path / 'sae'}", "sampling.n=2", "sampling.max_new_tokens=16", "sampling.batch_size=70",
             "questions_per_shard=35", "n_discovery=30", "n_validation=40", "n_random_packs=100", "n_boot=200",
             "n_perm=500"]
     proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -208,8 +208,11 @@ def test_g1_command_end_to_end_on_a_tiny_model(tmp_path):
     assert set(report["controls"]) >= {"length_rho", "logprob_rho", "direction_rho", "random_pack_rho_p95",
                                        "partial_rho_length"}
     assert report["n_discovery"] == 30 and report["n_validation"] == 40
+    assert report["n_validation_responses"] == 80  # two rollouts per question
+    assert report["conclusion"].startswith(f"G1 {report['verdict']}") and "within" in report
     assert report["verdict"] == verdict(report["spearman_rho"])
     pack = FeaturePack.load(report["pack_path"])
+    assert pack.validation["flags"] == report["flags"]
     assert pack.validation["spearman_rho"] == report["spearman_rho"] and pack.layer == 1
     rs = RolloutSet(out / "rollouts")
     val = np.isin(rs.question_ids, pack.provenance["validation"])
