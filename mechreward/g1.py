@@ -135,7 +135,7 @@ def _markdown(cfg: G1Config, r: dict, res: G1Result) -> str:
         f"## Verdict: **{r['verdict']}**" + (f" — flags: {', '.join(r['flags'])}" if r["flags"] else " — no flags"), "",
         "Thresholds (published): rho >= 0.50 PASS-EXCELLENT, >= 0.30 PASS, >= 0.10 WEAK, else FAIL.", "",
         markdown_table(rows), "",
-        f"## Within questions (what GRPO's group normalisation uses)", "",
+        "## Within questions (what GRPO's group normalisation uses)", "",
         f"{r['n_mixed_questions']} validation questions have both a correct and a wrong rollout; within-question "
         "AUROC = share of (correct, wrong) pairs of the same question the signal ranks right (ties 1/2), CI by "
         "resampling those questions, permutation p by shuffling labels within questions.", "",
