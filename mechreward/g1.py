@@ -45,7 +45,11 @@ class G1Config:
     n_discovery: int = 200
     n_validation: int | None = 250
     pooling: str = "mean"
-    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    selection: SelectionConfig = field(default_factory=lambda: SelectionConfig(contrast="within",
+                                                                                residualise_length=True))
+    """Organism default: select on within-question contrasts of length-residualised codes (the only
+    selection whose within-question AUROC CI excludes 0.5 on the organism, numbers in conf/g1.yaml);
+    the presets and `SelectionConfig()` keep the published selection (pooled, raw codes)."""
     n_random_packs: int = 1000
     n_boot: int = 2000
     n_perm: int = 10000
