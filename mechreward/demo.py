@@ -4,14 +4,15 @@ Stages (each a real command run into its own run dir):
 
     sae_train   train a TopK SAE on the organism's residual stream at `layer`
     layermap    S4-L0: which layer separates correct from wrong responses (reported next to `layer`)
-    rollouts    sample and grade one response per question, SAE codes on the exact sampled ids
+    rollouts    sample and grade several responses per question, SAE codes on the exact sampled ids
     probe       contrastive feature pack on the discovery questions of G1's split
     g1          the correlation gate on the held-out validation questions
     features    feature characterisation + the static feature browser (pack features marked)
     g2          the three-arm RL sanity run (R0 outcome, R1 + SAE pack, R2 + direction)
 
 and one report in the demo's run dir: `report.md` + `report.html` (plots and verdicts, a link
-to every stage's run dir) + `report.json`.
+to every stage's run dir) + `report.json`. The report leads with what the gates concluded and
+why (`conclusion`): G1's within-question evidence and baselines, G2's power.
 
 Caching: a stage's run dir is `<cache_dir>/<stage>-<hash>`, the hash taken over the stage's
 full config (which names the directories of the stages it reads, so a change upstream
@@ -20,7 +21,7 @@ a completion marker for that hash is reused, so a rerun is cheap. A failing stag
 chain with its error (exit status 2) and leaves the earlier stages' results in place; its own
 incomplete dir is cleared and redone on the next run.
 
-Sizes are scaled to fit about 15 minutes on 2 contended CPU cores (see conf/demo.yaml).
+Sizes are scaled to fit 8 minutes on 2 idle CPU cores (see conf/demo.yaml).
 """
 
 from __future__ import annotations
@@ -63,16 +64,20 @@ class DemoConfig:
     sae_batch_size: int = 1024
     layermap_questions: int = 120
     rollout_questions: int = 320
+    rollouts_per_question: int = 4
+    """Sampled rollouts per question for the probe and G1 (several: G1's within-question statistics need
+    questions with both a correct and a wrong rollout)."""
     n_discovery: int = 120
     """G1 discovery questions (the probe's pack is built on them); the rest are validation."""
     n_random_packs: int = 200
     n_boot: int = 500
     n_perm: int = 2000
     feature_tokens: int = 30_000
-    g2: dict = field(default_factory=lambda: {"steps": 60, "questions_per_step": 4, "learning_rate": 1e-4,
+    g2: dict = field(default_factory=lambda: {"steps": 30, "questions_per_step": 4, "learning_rate": 1e-4,
                                               "seeds": [0, 1, 2], "n_eval": 200})
-    """Overrides of `mechreward.gates.g2.G2Protocol`: the organism's G2 (as `conf/g2.yaml`: lr 1e-4,
-    60 steps of 4 questions x 2 rollouts, 3 seeds, 200 held-out questions; about 4 minutes)."""
+    """Overrides of `mechreward.gates.g2.G2Protocol` (its other fields keep their dataclass defaults): a
+    shorter G2 than `conf/g2.yaml` so that the demo fits 8 minutes: lr 1e-4, 30 steps of 4 questions,
+    3 seeds, 200 held-out questions."""
     stages: list[str] = field(default_factory=lambda: list(STAGES))
     """Stages to run, in chain order; a stage needs the ones before it (they are run or reused)."""
     cache_dir: str = "runs/demo/stages"
@@ -192,7 +197,10 @@ def run_chain(cfg: DemoConfig, run: Run, chain: Chain) -> None:
         return
     # 3. rollouts with the SAE's codes
     task_r = TaskConfig(**{**asdict(cfg.task), "n": cfg.rollout_questions})
-    rcfg = RolloutsConfig(model=cfg.model, task=task_r, sampling=SamplingConfig(n=1, max_new_tokens=64),
+    if cfg.rollouts_per_question < 1:
+        raise ConfigError(f"rollouts_per_question must be >= 1, got {cfg.rollouts_per_question}")
+    rcfg = RolloutsConfig(model=cfg.model, task=task_r,
+                          sampling=SamplingConfig(n=cfg.rollouts_per_question, max_new_tokens=64),
                           sae=SAERef(sae_path), store_token_codes=False, seed=cfg.seed)
 
     def do_rollouts(r: Run) -> dict:
@@ -207,9 +215,11 @@ def run_chain(cfg: DemoConfig, run: Run, chain: Chain) -> None:
     def do_probe(r: Run) -> dict:
         rs = RolloutSet(roll_dir)
         disc, _ = split_questions(rs.question_ids.tolist(), cfg.n_discovery, None, cfg.seed)
-        return run_probe(ProbeConfig(rollouts=roll_dir, questions=sorted(disc), seed=cfg.seed), r)
+        return run_probe(ProbeConfig(rollouts=roll_dir, questions=sorted(disc), selection=selection, seed=cfg.seed), r)
 
-    chain.stage("probe", {**asdict(ProbeConfig(rollouts=roll_dir, seed=cfg.seed)), "discovery": "g1 split",
+    selection = G1Config().selection  # the probe selects as G1 does
+    chain.stage("probe", {**asdict(ProbeConfig(rollouts=roll_dir, selection=selection, seed=cfg.seed)),
+                          "discovery": "g1 split",
                           "n_discovery": cfg.n_discovery}, do_probe)
     if not need("g1"):
         return
@@ -271,9 +281,12 @@ def stage_summary(name: str, rep: dict, cfg: DemoConfig) -> str:
         return (f"pack of {rep['n_features']} features from {rep['n_responses']} discovery responses "
                 f"({rep['n_correct']} correct); {rep['n_features_q_below_0_05']} features with BH q < 0.05")
     if name == "g1":
+        w = (rep.get("within") or {}).get("pack") or {}
         return (f"**{rep['verdict']}**: Spearman ρ = {_f(rep['spearman_rho'], '.4f')} (p = {_f(rep['p_value'], '.3g')}), "
-                f"CI {[round(x, 3) for x in rep['ci95']]}, flags {rep['flags'] or 'none'}; length ρ "
-                f"{_f(rep['controls']['length_rho'])}, direction ρ {_f(rep['controls']['direction_rho'])}")
+                f"CI {[round(x, 3) for x in rep['ci95']]}, flags {rep['flags'] or 'none'}; within-question AUROC "
+                f"{_f(w.get('auroc'))} on {rep.get('n_mixed_questions')} mixed questions; length ρ "
+                f"{_f(rep['controls']['length_rho'])}, log-prob ρ {_f(rep['controls']['logprob_rho'])}, direction ρ "
+                f"{_f(rep['controls']['direction_rho'])}")
     if name == "features":
         c = rep["density_classes"]
         return (f"{rep['tokens']:,} tokens: {c['healthy']} healthy, {c['rare']} rare, {c['dense']} dense, {c['dead']} "
@@ -286,6 +299,47 @@ def stage_summary(name: str, rep: dict, cfg: DemoConfig) -> str:
                 f"R1−R0 {_f(d10['mean'], '+.3f')} (CI {_f(d10['ci95'][0], '+.3f')}..{_f(d10['ci95'][1], '+.3f')}), "
                 f"R1−R2 {_f(d12['mean'], '+.3f')}, accuracy before {_f(rep['acc_before'])}, hacked {rep['hacked']}")
     return ""
+
+
+def _mde(rep: dict) -> float | None:
+    """G2's minimum detectable R1−R0 difference, under whichever key the G2 report gives it (if any)."""
+    for k, v in rep.items():
+        if "minimum_detectable" in k or k in ("mde", "mde_r1_r0"):
+            v = v.get("r1_r0", v.get("value")) if isinstance(v, dict) else v
+            if isinstance(v, (int, float)):
+                return float(v)
+    return None
+
+
+def g2_sentence(rep: dict) -> str:
+    """What G2 says, with its power: R0's own gain, the arm differences, NO_LEARNING and the MDE when reported."""
+    flags = list(rep.get("flags") or [])
+    r0 = (rep.get("arms") or {}).get("R0", {}).get("acc_mean")
+    before = rep.get("acc_before")
+    d10 = rep.get("delta_r1_r0") or {}
+    s = f"G2 {rep.get('verdict')}"
+    if r0 is not None and before is not None:
+        s += f": outcome-only RL (R0) moved held-out accuracy from {before:.3f} to {r0:.3f}"
+    if d10.get("mean") is not None:
+        ci = d10.get("ci95") or [None, None]
+        s += f", R1−R0 {d10['mean']:+.3f}" + (f" (CI {ci[0]:+.3f}..{ci[1]:+.3f})" if None not in ci else "")
+    if "NO_LEARNING" in flags:
+        s += "; NO_LEARNING: R0's own gain is not distinguishable from 0, so no arm comparison is decided"
+    mde = _mde(rep)
+    if mde is not None:
+        s += f"; the smallest R1−R0 difference these seeds could detect is {mde:.3f}"
+    return s + "."
+
+
+def gates_conclusion(results: dict) -> str:
+    """The demo's lead: what the gates concluded and why (G1's own conclusion, then G2's power)."""
+    parts = []
+    if "g1" in results:
+        g1 = results["g1"].report
+        parts.append(g1.get("conclusion") or f"G1 {g1.get('verdict')} (rho = {g1.get('spearman_rho'):.3f}).")
+    if "g2" in results:
+        parts.append(g2_sentence(results["g2"].report))
+    return " ".join(parts)
 
 
 def write_report(cfg: DemoConfig, run: Run, chain: Chain, failure: dict | None, total: float) -> dict:
@@ -308,8 +362,9 @@ def write_report(cfg: DemoConfig, run: Run, chain: Chain, failure: dict | None, 
         rows.append({"stage": failure["stage"], "status": "FAILED", "seconds": "", "run dir": failure["dir"],
                      "result": failure["error"]})
     verdicts = {k: chain.results[k].report.get("verdict") for k in ("g1", "g2") if k in chain.results}
+    conclusion = gates_conclusion(chain.results)
     report = {"stages": {r["stage"]: {k: v for k, v in r.items() if k != "stage"} for r in rows},
-              "verdicts": verdicts, "failed": failure, "seconds": round(total, 1),
+              "verdicts": verdicts, "conclusion": conclusion, "failed": failure, "seconds": round(total, 1),
               "stage_seconds_if_run_now": round(sum(res.seconds for res in chain.results.values()), 1),
               "model": cfg.model.name_or_path, "layer": cfg.layer,
               "reports": {k: v.report for k, v in chain.results.items()}}
@@ -318,6 +373,8 @@ def write_report(cfg: DemoConfig, run: Run, chain: Chain, failure: dict | None, 
     md = ["# mechreward demo: SAE features → validated reward, end to end", "",
           f"model `{cfg.model.name_or_path}`, SAE layer {cfg.layer}, task `{cfg.task.name}`; total {total:.0f} s "
           f"(all stages run from scratch: {report['stage_seconds_if_run_now']:.0f} s).", ""]
+    if conclusion:
+        md += [f"**What the gates concluded:** {conclusion}", ""]
     if failure:
         md += [f"**Stopped: stage `{failure['stage']}` failed**: {failure['error']}", ""]
     md += ["Verdicts: " + (", ".join(f"{k.upper()} **{v}**" for k, v in verdicts.items()) or "none yet"), ""]
@@ -326,11 +383,12 @@ def write_report(cfg: DemoConfig, run: Run, chain: Chain, failure: dict | None, 
     md += [markdown_table(rows, ["stage", "status", "seconds", "run dir", "result"]), ""]
     md += [f"![{n}]({p})" for n, p in plots]
     run.write_report(report, "\n".join(md) + "\n")
-    io.write_text(run.path("report.html"), _html(cfg, rows, plots, verdicts, failure, bpath, total))
+    io.write_text(run.path("report.html"), _html(cfg, rows, plots, verdicts, failure, bpath, total, conclusion))
     return report
 
 
-def _html(cfg: DemoConfig, rows, plots, verdicts, failure, browser: str | None, total: float) -> str:
+def _html(cfg: DemoConfig, rows, plots, verdicts, failure, browser: str | None, total: float,
+          conclusion: str = "") -> str:
     e = html.escape
     trs = "".join(
         f"<tr class='{e(str(r['status']).lower())}'><td>{e(r['stage'])}</td><td>{e(str(r['status']))}</td>"
@@ -350,10 +408,12 @@ table {{ border-collapse: collapse; font-size: 0.9em; }} td, th {{ border: 1px s
 th {{ background: #eef1f5; }} tr.failed td {{ background: #fde8e6; }} tr.reused td:nth-child(2) {{ color: #666; }}
 figure {{ display: inline-block; margin: 0 1em 1em 0; vertical-align: top; }} img {{ max-width: 560px; }}
 figcaption {{ font-size: 0.8em; color: #555; }} .fail {{ color: #b3261e; font-weight: 600; }}
+.lead {{ max-width: 60em; background: #f4f6fa; padding: 0.6em 0.8em; border-left: 4px solid #4a6fa5; }}
 </style></head><body>
 <h1>mechreward demo</h1>
 <p>model <code>{e(cfg.model.name_or_path)}</code>, SAE layer {cfg.layer}, task <code>{e(cfg.task.name)}</code>;
 total {total:.0f} s</p>
+{f"<p class='lead'><strong>What the gates concluded:</strong> {e(conclusion)}</p>" if conclusion else ""}
 {fail}<p>Verdicts: {v}</p>{link}
 <table><tr><th>stage</th><th>status</th><th>seconds</th><th>run dir</th><th>result</th></tr>{trs}</table>
 <h2>Plots</h2>{figs}
@@ -378,7 +438,7 @@ def run_demo(cfg: DemoConfig, run: Run) -> dict:
         raise
     report = write_report(cfg, run, chain, None, time.time() - t0)
     print("demo: " + ", ".join(f"{k} {v}" for k, v in report["verdicts"].items()) +
-          f"; report {run.path('report.html')}", file=sys.stderr)
+          f"; report {run.path('report.html')}\n{report['conclusion']}", file=sys.stderr)
     return report
 
 

@@ -1,7 +1,8 @@
 """`python -m mechreward.g1`: gate G1 end to end (rollouts → pack on discovery → held-out statistics).
 
-With no arguments: the organism, its SAE (layer 2), arithmetic eval questions, one sampled
-rollout per question, 200 discovery / 250 validation questions, on a CPU in minutes.
+With no arguments: the organism, its SAE (layer 2), arithmetic eval questions, four sampled
+rollouts per question (so that within-question statistics exist: GRPO ranks completions of the
+same question), 200 discovery / 250 validation questions, on a CPU in minutes.
 `sae.path=<dir>` picks another SAE; `rollouts=<dir>` reuses a rollout directory (checked against the model and SAE).
 Presets: `+recipe=g1_qwen36_35b_a3b_l23_supergpqa`, `+recipe=g1_qwen35_4b_l18_gsm8k`.
 The protocol and the verdict live in `mechreward.gates.g1`.
@@ -31,7 +32,9 @@ class G1Config:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=lambda: TaskConfig(n=450))
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(n=4))
+    """`sampling.n`: rollouts per question (organism default 4; published G1 used 1, as the presets do).
+    With one rollout per question there are no within-question statistics (flag UNINFORMATIVE_WITHIN)."""
     sae: SAERef = field(default_factory=SAERef)
     """`sae.path`: SAE directory, or `organism` (the organism's SAE). Its recorded layer is the one hooked."""
     rollouts: str | None = None
@@ -42,7 +45,11 @@ class G1Config:
     n_discovery: int = 200
     n_validation: int | None = 250
     pooling: str = "mean"
-    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    selection: SelectionConfig = field(default_factory=lambda: SelectionConfig(contrast="within",
+                                                                                residualise_length=True))
+    """Organism default: select on within-question contrasts of length-residualised codes (the only
+    selection whose within-question AUROC CI excludes 0.5 on the organism, numbers in conf/g1.yaml);
+    the presets and `SelectionConfig()` keep the published selection (pooled, raw codes)."""
     n_random_packs: int = 1000
     n_boot: int = 2000
     n_perm: int = 10000
@@ -100,14 +107,46 @@ def _markdown(cfg: G1Config, r: dict, res: G1Result) -> str:
         ("control: diff-of-means direction rho", f(c["direction_rho"])),
         ("control: random packs rho, 95th pct", f(c["random_pack_rho_p95"])),
         ("control: partial rho given length", f(c["partial_rho_length"]))]]
+    w, inc = r["within"], r["incremental"]
+
+    def wrow(name, rho, d):
+        ci = d.get("ci95")
+        return {"signal": name, "across rho": f(rho), "within AUROC": f(d.get("auroc")),
+                "within 95% CI": "n/a" if ci is None else f"[{ci[0]:.3f}, {ci[1]:.3f}]",
+                "within permutation p": "n/a" if d.get("permutation_p") is None else f"{d['permutation_p']:.3g}"}
+
+    rp = w["controls"]["random_packs"]
+    wrows = [wrow("pack", r["spearman_rho"], w["pack"]), wrow("length", c["length_rho"], w["controls"]["length"]),
+             wrow("mean log-prob", c["logprob_rho"], w["controls"]["logprob"]),
+             wrow("diff-of-means direction", c["direction_rho"], w["controls"]["direction"]),
+             {"signal": f"random packs, 95th pct (n={c['n_random_packs']})", "across rho": f(c["random_pack_rho_p95"]),
+              "within AUROC": f(rp["auroc_p95"]), "within 95% CI": "", "within permutation p": ""}]
+
+    def lrt(d):
+        return "n/a" if d is None else f"chi2 = {d['chi2']:.2f}, p = {d['p']:.3g} (coef {d['coef_per_sd']:+.3f}/SD, n = {d['n']})"
+
+    pr = inc.get("partial_rho")
+    inc_lines = [f"- across questions (logistic regression): {lrt(inc.get('across'))}",
+                 f"- within questions (conditional logistic regression by question): {lrt(inc.get('within'))}",
+                 f"- partial Spearman rho given {' and '.join(inc['covariates'])}: "
+                 + ("n/a" if pr is None else f"{pr['rho']:.4f} (p = {pr['p']:.3g})")]
     return "\n".join([
         "# Gate G1: correlation gate", "",
+        f"**{r['conclusion']}**", "",
         f"model `{r['model']}`, layer {r['layer']}, SAE sha256 `{r['sae_sha256']}`, {r['pooling']} pooling; "
         f"task `{cfg.task.name}`; {r['n_discovery']} discovery / {r['n_validation']} validation questions "
         f"({r['n_validation_responses']} validation responses, {r['n_correct_validation']} correct).", "",
         f"## Verdict: **{r['verdict']}**" + (f" — flags: {', '.join(r['flags'])}" if r["flags"] else " — no flags"), "",
         "Thresholds (published): rho >= 0.50 PASS-EXCELLENT, >= 0.30 PASS, >= 0.10 WEAK, else FAIL.", "",
         markdown_table(rows), "",
+        "## Within questions (what GRPO's group normalisation uses)", "",
+        f"{r['n_mixed_questions']} validation questions have both a correct and a wrong rollout; within-question "
+        "AUROC = share of (correct, wrong) pairs of the same question the signal ranks right (ties 1/2), CI by "
+        "resampling those questions, permutation p by shuffling labels within questions.", "",
+        markdown_table(wrows), "",
+        "Beaten by: " + ("; ".join(r["beaten_by"]) if r["beaten_by"] else "no control"), "",
+        f"Incremental validity of the pack score beyond {' and '.join(inc['covariates'])} "
+        "(nested likelihood-ratio tests, 1 df):", "", *inc_lines, "",
         f"Pack: {r['n_features']} features ({r['n_features_alive']} alive on discovery) → `{r['pack_path']}`", "",
         markdown_table(res.pack.features, ["index", "role", "weight", "d", "auroc", "fire_rate_pos", "fire_rate_neg",
                                            "q"]),
@@ -148,7 +187,7 @@ def run_g1(cfg: G1Config, run: Run) -> dict:
     _figures(run, res)
     run.write_report(report, _markdown(cfg, report, res))
     print(f"G1: rho = {report['spearman_rho']:.4f} (p = {report['p_value']:.3g}), CI {report['ci95']}, "
-          f"verdict {report['verdict']} {report['flags']}")
+          f"verdict {report['verdict']} {report['flags']}\n{report['conclusion']}")
     return report
 
 

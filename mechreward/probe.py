@@ -4,7 +4,8 @@ Per SAE latent, on pooled codes of the discovery responses: Cohen's d (correct �
 ddof=1), AUROC, fire rate and mean activation per class, Mann–Whitney p with BH q. Latents
 that fire fewer than `min_fire_count` times are dropped. Selection (GATES.md G1 step 2):
 top-N positive d → weight +1 ("helpful"), top-N negative d → −1 ("harmful"); options:
-weights = d, other N, minimum fire count.
+weights = d, other N, minimum fire count, the within-question contrast (`contrast=within`) and
+length-residualised codes (`residualise_length=true`).
 
 A `FeaturePack` is one JSON file: model, layer, hook, SAE reference + sha256, encoding and
 pooling, features with weights and statistics, score normalisation, provenance and the
@@ -34,6 +35,7 @@ from .run import Run, markdown_table
 PACK_SCHEMA = "mechreward.feature_pack"
 PACK_VERSION = 1
 WEIGHTINGS = ("sign", "d")
+CONTRASTS = ("pooled", "within")
 
 
 # --------------------------------------------------------------------------- statistics and selection
@@ -50,6 +52,13 @@ class SelectionConfig:
     """`sign` (+1 / −1, published) or `d` (the effect size itself)."""
     min_fire_count: int = 1
     """Drop features active (pooled value ≠ 0) in fewer discovery responses than this."""
+    contrast: str = "pooled"
+    """`pooled` (published: correct vs wrong over all discovery responses) or `within`: each feature's
+    codes minus their question's mean, on questions with >= 1 correct and >= 1 wrong response only
+    (the contrast GRPO's group normalisation sees; needs several rollouts per question)."""
+    residualise_length: bool = False
+    """Select on codes with response length regressed out (per feature, least squares with an
+    intercept on discovery); the pack still scores the raw codes."""
 
 
 @dataclass
@@ -107,14 +116,31 @@ def check_labels(labels, what: str, no_answer=None) -> np.ndarray:
     return lab
 
 
-def feature_stats(pooled, labels, min_fire_count: int = 1) -> FeatureStats:
-    """Statistics of every feature of `pooled [n, F]` against 0/1 `labels [n]`; never-firing ones dropped."""
+def residualise(x: np.ndarray, covariate) -> np.ndarray:
+    """Columns of `x [n, F]` minus their least-squares fit on `covariate [n]` with an intercept."""
+    z = np.asarray(covariate, dtype=np.float64)
+    design = np.column_stack([np.ones(z.shape[0]), z])  # [n, 2]
+    coef, *_ = np.linalg.lstsq(design, x, rcond=None)
+    return x - design @ coef
+
+
+def feature_stats(pooled, labels, min_fire_count: int = 1, contrast: str = "pooled", groups=None,
+                  lengths=None, residualise_length: bool = False) -> FeatureStats:
+    """Statistics of every feature of `pooled [n, F]` against 0/1 `labels [n]`; never-firing ones dropped.
+
+    Fire counts, fire rates and class means are of the raw pooled codes. d, AUROC, p and q are of
+    the codes the selection contrasts: raw (`contrast="pooled"`), or centred on their question's
+    mean over mixed questions (`contrast="within"`, needs `groups [n]`), after regressing out
+    `lengths [n]` when `residualise_length`.
+    """
     x = np.asarray(pooled, dtype=np.float64)
     lab = check_labels(labels, "feature statistics")
     if x.ndim != 2 or x.shape[0] != lab.shape[0]:
         raise DataError(f"pooled codes must be [n, F] with n = {lab.shape[0]} labels, got shape {x.shape}")
     if min_fire_count < 1:
         raise ConfigError(f"min_fire_count must be >= 1, got {min_fire_count}")
+    if contrast not in CONTRASTS:
+        raise ConfigError(f"unknown selection.contrast {contrast!r}; expected one of {CONTRASTS}")
     active = x != 0
     fire_count = active.sum(0)
     keep = np.flatnonzero(fire_count >= min_fire_count)
@@ -122,9 +148,26 @@ def feature_stats(pooled, labels, min_fire_count: int = 1) -> FeatureStats:
         raise DataError(f"no feature fires in at least {min_fire_count} of {x.shape[0]} responses")
     xk = x[:, keep]
     pos, neg = xk[lab == 1], xk[lab == 0]
-    p = stats.mann_whitney_p(pos, neg)
+    xs, ls = xk, lab
+    if residualise_length:
+        if lengths is None:
+            raise ConfigError("selection.residualise_length=true needs response lengths")
+        xs = residualise(xs, lengths)
+    if contrast == "within":
+        if groups is None:
+            raise ConfigError("selection.contrast=within needs the question id of every response")
+        mixed = stats.mixed_questions(lab, groups)
+        n_mixed = len(set(np.asarray(groups)[mixed].tolist()))
+        if n_mixed < 2:
+            raise DataError(f"selection.contrast=within: only {n_mixed} discovery question(s) have both a correct and "
+                            "a wrong response; sample more rollouts per question (sampling.n) or use "
+                            "selection.contrast=pooled")
+        xs = stats.within_centre(xs[mixed], np.asarray(groups)[mixed])
+        ls = check_labels(lab[mixed], "within-question feature statistics")
+    spos, sneg = xs[ls == 1], xs[ls == 0]
+    p = stats.mann_whitney_p(spos, sneg)
     return FeatureStats(
-        index=keep, d=stats.cohens_d(pos, neg), auroc=stats.auroc(xk, lab),
+        index=keep, d=stats.cohens_d(spos, sneg), auroc=stats.auroc(xs, ls),
         fire_rate_pos=active[lab == 1][:, keep].mean(0), fire_rate_neg=active[lab == 0][:, keep].mean(0),
         mean_pos=pos.mean(0), mean_neg=neg.mean(0), p=p, q=stats.benjamini_hochberg(p),
         fire_count=fire_count[keep], n_features=x.shape[1])
@@ -299,9 +342,15 @@ class PackScorer:
 
 
 def build_pack(pooled, labels, sae_ref: dict, model: str, layer: int, pooling: str,
-               selection: SelectionConfig, provenance: dict | None = None) -> tuple[FeaturePack, FeatureStats]:
-    """Statistics, selection and normalisation on discovery pooled codes `[n, d_sae]` → a pack."""
-    fs = feature_stats(pooled, labels, selection.min_fire_count)
+               selection: SelectionConfig, provenance: dict | None = None, groups=None,
+               lengths=None) -> tuple[FeaturePack, FeatureStats]:
+    """Statistics, selection and normalisation on discovery pooled codes `[n, d_sae]` → a pack.
+
+    `groups [n]` (question ids) and `lengths [n]` are needed by `selection.contrast=within` and
+    `selection.residualise_length=true`.
+    """
+    fs = feature_stats(pooled, labels, selection.min_fire_count, selection.contrast, groups, lengths,
+                       selection.residualise_length)
     feats = select_features(fs, selection)
     hook = sae_ref.get("hook") or f"model.layers.{layer}"
     pack = FeaturePack(model=model, layer=int(layer), hook=hook, sae=dict(sae_ref), features=feats, pooling=pooling,
@@ -350,7 +399,8 @@ def run_probe(cfg: ProbeConfig, run: Run) -> dict:
     pack, fs = build_pack(pooled, labels, rs.header["sae"], rs.model, rs.header["sae_layer"], cfg.pooling,
                           cfg.selection, provenance={"rollouts": str(rs.dir), "task": rs.header["task"],
                                                      "discovery": sorted(set(qids[rows].tolist())),
-                                                     "sampling": rs.header["sampling"], "seed": cfg.seed})
+                                                     "sampling": rs.header["sampling"], "seed": cfg.seed},
+                          groups=qids[rows], lengths=rs.lengths[rows])
     path = pack.save(cfg.output or run.path("feature_pack.json"))
     sig = int((fs.q < 0.05).sum())
     report = {"pack_path": str(path), "n_responses": int(len(rows)), "n_correct": int(labels.sum()),

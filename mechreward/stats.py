@@ -455,3 +455,295 @@ def correlation_summary(
         auroc=float(auroc(s, lab)), pearson=r.stat, pearson_p=r.p,
         n=int(s.shape[0]), n_pos=int(lab.sum()), n_groups=n_groups,
     )
+
+
+# ----------------------------------------------------------------------------- within questions
+#
+# GRPO normalises rewards within the group of completions of one prompt, so what a reward can
+# contribute is how it ranks completions of the *same* question. These statistics use only
+# (correct, wrong) pairs of the same question; questions whose rollouts are all correct or all
+# wrong ("unmixed") carry no within-question information and drop out.
+
+
+def _group_codes(groups, n: int) -> tuple[np.ndarray, int]:
+    g = np.asarray(groups)
+    if g.shape != (n,):
+        raise DataError(f"groups must have shape ({n},), got {g.shape}")
+    _, inv = np.unique(g, return_inverse=True)
+    return inv.reshape(-1), int(inv.max()) + 1 if n else 0
+
+
+def mixed_questions(labels, groups) -> np.ndarray:
+    """Boolean mask `[n]` of responses whose question has at least one correct and one wrong response."""
+    lab = np.asarray(labels).astype(np.float64)
+    inv, G = _group_codes(groups, lab.shape[0])
+    n_pos = np.bincount(inv, weights=lab, minlength=G)
+    n_all = np.bincount(inv, minlength=G)
+    mixed = (n_pos > 0) & (n_pos < n_all)
+    return mixed[inv]
+
+
+def _within_parts(scores: np.ndarray, lab: np.ndarray, inv: np.ndarray):
+    """Per mixed question: U (wins of correct over wrong, ties 1/2) and the number of pairs.
+
+    scores `[n]` or `[K, n]` → U `[G_mixed]` or `[K, G_mixed]`, pairs `[G_mixed]`, and the
+    per-question member index lists (for permutations).
+    """
+    order = np.argsort(inv, kind="stable")
+    bounds = np.flatnonzero(np.diff(inv[order])) + 1
+    members = [m for m in np.split(order, bounds) if 0 < lab[m].sum() < m.size]
+    two_d = scores.ndim == 2
+    u, pairs, ranks, npos = [], [], [], []
+    for m in members:
+        s = scores[:, m] if two_d else scores[m]
+        r = sps.rankdata(s, axis=-1)  # average ranks within the question: ties count 1/2
+        k = int(lab[m].sum())
+        u.append(r[..., lab[m]].sum(-1) - k * (k + 1) / 2.0)
+        pairs.append(k * (m.size - k))
+        ranks.append(r)
+        npos.append(k)
+    U = np.stack(u, axis=-1) if u else np.zeros((scores.shape[0], 0) if two_d else 0)
+    return U, np.asarray(pairs, dtype=np.float64), members, ranks, npos
+
+
+def within_auroc(score, labels, groups) -> float:
+    """AUROC over (correct, wrong) pairs of the same question, ties 1/2.
+
+    = Σ_q U_q / Σ_q n_pos,q · n_neg,q over mixed questions q (a pair-weighted pooled AUROC).
+    DataError when no question is mixed.
+    """
+    s = _as_float("score", score)
+    lab = np.asarray(labels).astype(bool)
+    if lab.shape != s.shape:
+        raise DataError(f"labels have length {lab.shape[0]} but scores have {s.shape[0]}")
+    inv, _ = _group_codes(groups, s.shape[0])
+    U, P, *_ = _within_parts(s, lab, inv)
+    if P.size == 0:
+        raise DataError("no question has both a correct and a wrong response: within-question AUROC undefined")
+    return float(U.sum() / P.sum())
+
+
+def within_auroc_many(scores, labels, groups) -> np.ndarray:
+    """`within_auroc` of each row of `scores [K, n]` → `[K]` (e.g. the random packs)."""
+    s = _as_float("scores", scores, ndim=(2,))
+    lab = np.asarray(labels).astype(bool)
+    inv, _ = _group_codes(groups, s.shape[1])
+    U, P, *_ = _within_parts(s, lab, inv)
+    if P.size == 0:
+        raise DataError("no question has both a correct and a wrong response: within-question AUROC undefined")
+    return U.sum(-1) / P.sum()
+
+
+@dataclass(frozen=True)
+class WithinSummary:
+    """Within-question evidence of a score for correctness."""
+
+    n_mixed_questions: int
+    """Questions with >= 1 correct and >= 1 wrong response (the only ones that count)."""
+    n_pairs: int
+    """(correct, wrong) pairs of the same question."""
+    auroc: float | None
+    """Within-question AUROC (None when fewer than 2 questions are mixed)."""
+    ci95: tuple[float, float] | None
+    """Percentile bootstrap CI resampling mixed questions."""
+    permutation_p: float | None
+    """Two-sided p of AUROC − 0.5, labels shuffled within each question (+1 corrected)."""
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["ci95"] = None if self.ci95 is None else list(self.ci95)
+        return d
+
+
+def within_summary(score, labels, groups, n_boot: int = 2000, n_perm: int = 10000, seed: int = 0,
+                   level: float = 0.95) -> WithinSummary:
+    """Within-question AUROC of `score [n]` for 0/1 `labels [n]` with questions `groups [n]`.
+
+    Bootstrap: mixed questions are drawn with replacement and the pooled AUROC recomputed
+    (Σ U / Σ pairs over the draw). Permutation: labels are shuffled within every question (each
+    question keeps its number of correct responses), which is the null "the score does not rank
+    completions of the same question".
+    """
+    _check_level(level)
+    s = _as_float("score", score)
+    lab = np.asarray(labels).astype(bool)
+    if lab.shape != s.shape:
+        raise DataError(f"labels have length {lab.shape[0]} but scores have {s.shape[0]}")
+    inv, _ = _group_codes(groups, s.shape[0])
+    U, P, members, ranks, npos = _within_parts(s, lab, inv)
+    G = P.size
+    if G < 2:
+        return WithinSummary(G, int(P.sum()), None, None, None)
+    est = float(U.sum() / P.sum())
+    rng = np.random.default_rng(seed)
+    counts = rng.multinomial(G, np.full(G, 1.0 / G), size=n_boot).astype(np.float64)  # [B, G]
+    draws = (counts @ U) / (counts @ P)
+    alpha = (1.0 - level) / 2.0
+    lo, hi = np.quantile(draws, [alpha, 1.0 - alpha])
+    # permutation within questions: positives get a random subset of the question's ranks
+    total = np.zeros(n_perm)
+    for r, k in zip(ranks, npos):
+        perm = rng.permuted(np.tile(r, (n_perm, 1)), axis=1)  # [n_perm, n_q]
+        total += perm[:, :k].sum(1) - k * (k + 1) / 2.0
+    null = total / P.sum() - 0.5
+    obs = est - 0.5
+    tol = 1e-12
+    p_greater = (1 + np.count_nonzero(null >= obs - tol)) / (n_perm + 1)
+    p_less = (1 + np.count_nonzero(null <= obs + tol)) / (n_perm + 1)
+    return WithinSummary(G, int(P.sum()), est, (float(lo), float(hi)), float(min(1.0, 2.0 * min(p_greater, p_less))))
+
+
+# ----------------------------------------------------------------------------- incremental validity
+
+
+class LikelihoodRatio(NamedTuple):
+    """A nested-model likelihood-ratio test of one added predictor."""
+
+    chi2: float
+    """2 · (log L_full − log L_reduced), on 1 degree of freedom."""
+    p: float
+    coef: float
+    """The added predictor's coefficient in the full model (predictors standardised: per SD)."""
+    n: int
+    """Responses that enter the fit (within: responses of mixed questions)."""
+
+
+def _standardise(x: np.ndarray) -> np.ndarray:
+    sd = x.std(axis=0)
+    if np.any(sd == 0):
+        raise DataError(f"predictor column(s) {np.flatnonzero(sd == 0).tolist()} are constant: cannot fit")
+    return (x - x.mean(axis=0)) / sd
+
+
+def logistic_fit(x, y, max_iter: int = 100) -> tuple[np.ndarray, float]:
+    """Maximum-likelihood logistic regression of 0/1 `y [n]` on `x [n, p]` plus an intercept (Newton).
+
+    Returns (coefficients `[1 + p]`, intercept first; log-likelihood).
+    """
+    X = np.column_stack([np.ones(len(y)), np.asarray(x, dtype=np.float64)])
+    yv = np.asarray(y, dtype=np.float64)
+    beta = np.zeros(X.shape[1])
+
+    def ll(b):
+        eta = X @ b
+        return float(np.sum(yv * eta - np.logaddexp(0.0, eta)))
+
+    cur = ll(beta)
+    for _ in range(max_iter):
+        mu = 1.0 / (1.0 + np.exp(-(X @ beta)))
+        grad = X.T @ (yv - mu)
+        hess = (X * (mu * (1 - mu))[:, None]).T @ X
+        step = np.linalg.solve(hess + 1e-10 * np.eye(X.shape[1]), grad)
+        t = 1.0
+        while t > 1e-8:  # step halving keeps the likelihood increasing (separation: it creeps up)
+            new = ll(beta + t * step)
+            if new >= cur - 1e-12:
+                break
+            t /= 2
+        beta, prev, cur = beta + t * step, cur, new
+        if abs(cur - prev) < 1e-10:
+            break
+    return beta, cur
+
+
+def _cond_loglik(beta, X, pos_mask, valid, k: np.ndarray):
+    """Conditional-logit log-likelihood (torch, float64) for padded groups `X [G, m, p]`.
+
+    Per question: Σ_{correct} η_i − log e_k(exp η), e_k the elementary symmetric polynomial of
+    degree k (the question's number of correct responses) over its members, by the recursion
+    e_j ← e_j + w_i · e_{j−1}. η is shifted by the question's maximum so that every w ≤ 1.
+    """
+    import torch
+
+    eta = torch.einsum("gmp,p->gm", X, beta)
+    shift = torch.where(valid, eta, torch.full_like(eta, -1e300)).max(1, keepdim=True).values.detach()
+    w = torch.where(valid, torch.exp(eta - shift), torch.zeros_like(eta))  # padding: weight 0
+    kmax = int(k.max())
+    E = [torch.ones(X.shape[0], dtype=torch.float64)] + [torch.zeros(X.shape[0], dtype=torch.float64)] * kmax
+    for i in range(X.shape[1]):
+        E = [E[0]] + [E[j] + w[:, i] * E[j - 1] for j in range(1, kmax + 1)]
+    E = torch.stack(E, 1)  # [G, kmax + 1]
+    kt = torch.as_tensor(k, dtype=torch.long)
+    denom = torch.log(E.gather(1, kt[:, None]).squeeze(1)) + kt.to(torch.float64) * shift.squeeze(1)
+    num = torch.where(pos_mask & valid, eta, torch.zeros_like(eta)).sum(1)
+    return (num - denom).sum()
+
+
+def conditional_logit_fit(x, y, groups) -> tuple[np.ndarray, float, int]:
+    """Conditional (fixed-effects) logistic regression of `y [n]` on `x [n, p]`, stratified by `groups`.
+
+    The likelihood conditions on the number of correct responses of each question, so question
+    difficulty drops out and only within-question differences inform the coefficients. Only
+    mixed questions contribute. Returns (coefficients `[p]`, log-likelihood, responses used).
+    """
+    import torch
+    from scipy.optimize import minimize
+
+    xa = np.asarray(x, dtype=np.float64)
+    xa = xa[:, None] if xa.ndim == 1 else xa
+    lab = np.asarray(y).astype(bool)
+    inv, _ = _group_codes(groups, lab.shape[0])
+    _, _, members, _, npos = _within_parts(np.zeros(lab.shape[0]), lab, inv)
+    if len(members) < 2:
+        raise DataError(f"conditional logit needs at least 2 mixed questions, got {len(members)}")
+    m = max(len(g) for g in members)
+    G, p = len(members), xa.shape[1]
+    X = np.zeros((G, m, p))
+    pos = np.zeros((G, m), dtype=bool)
+    valid = np.zeros((G, m), dtype=bool)
+    for i, g in enumerate(members):
+        X[i, :len(g)] = xa[g]
+        pos[i, :len(g)] = lab[g]
+        valid[i, :len(g)] = True
+    Xt, post, validt, k = torch.as_tensor(X), torch.as_tensor(pos), torch.as_tensor(valid), np.asarray(npos)
+
+    def f(b):
+        bt = torch.tensor(b, dtype=torch.float64, requires_grad=True)
+        ll = _cond_loglik(bt, Xt, post, validt, k)
+        (g,) = torch.autograd.grad(-ll, bt)
+        return float(-ll.detach()), g.numpy()
+
+    res = minimize(f, np.zeros(p), jac=True, method="BFGS", options={"gtol": 1e-9, "maxiter": 500})
+    return res.x, float(-res.fun), int(valid.sum())
+
+
+def incremental_lrt(score, labels, covariates, groups=None) -> LikelihoodRatio:
+    """Does `score [n]` predict 0/1 `labels` beyond `covariates [n, k]` (e.g. length, mean log-prob)?
+
+    Nested likelihood-ratio test on 1 df: logistic regression (groups=None: across all
+    responses, with an intercept) or conditional logistic regression stratified by question
+    (groups given: within questions only). Predictors are standardised (coef per SD).
+    """
+    s = _as_float("score", score)
+    z = _as_float("covariates", covariates, ndim=(1, 2))
+    z = z[:, None] if z.ndim == 1 else z
+    if z.shape[0] != s.shape[0]:
+        raise DataError(f"covariates have {z.shape[0]} rows but score has {s.shape[0]}")
+    lab = _as_labels(labels, s.shape[0])
+    rows = np.arange(s.shape[0]) if groups is None else np.flatnonzero(mixed_questions(lab, groups))
+    if rows.size < MIN_N:
+        raise DataError(f"only {rows.size} responses belong to questions with both a correct and a wrong response")
+    full = _standardise(np.column_stack([z, s])[rows])
+    if groups is None:
+        b_full, ll_full = logistic_fit(full, lab[rows])
+        _, ll_red = logistic_fit(full[:, :-1], lab[rows])
+        coef = b_full[-1]
+    else:
+        g = np.asarray(groups)[rows]
+        b_full, ll_full, _ = conditional_logit_fit(full, lab[rows], g)
+        _, ll_red, _ = conditional_logit_fit(full[:, :-1], lab[rows], g)
+        coef = b_full[-1]
+    chi2 = max(0.0, 2.0 * (ll_full - ll_red))
+    return LikelihoodRatio(float(chi2), float(sps.chi2.sf(chi2, 1)), float(coef), int(rows.size))
+
+
+def within_centre(x, groups) -> np.ndarray:
+    """`x [n]` or `[n, F]` minus its question mean (each response's deviation from its question's mean)."""
+    a = np.asarray(x, dtype=np.float64)
+    inv, G = _group_codes(groups, a.shape[0])
+    a2 = a[:, None] if a.ndim == 1 else a
+    sums = np.zeros((G, a2.shape[1]))
+    np.add.at(sums, inv, a2)
+    means = sums / np.bincount(inv, minlength=G)[:, None]
+    out = a2 - means[inv]
+    return out[:, 0] if a.ndim == 1 else out

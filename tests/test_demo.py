@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from mechreward.demo import DONE, STAGES, DemoConfig, run_demo
+from mechreward.demo import DONE, STAGES, DemoConfig, g2_sentence, run_demo
 from mechreward.errors import MechrewardError
 from mechreward.run import Run
 from mechreward.sae_train import SAEShape
@@ -55,6 +55,12 @@ def test_demo_runs_every_stage_and_links_each_run_dir(demo_runs):
         assert (stage_dir / "report.json").exists() and (stage_dir / DONE).exists()
         assert f"href='{rel}/report.md'" in html and rel in md
     assert first["verdicts"]["g1"] in html
+    # the report leads with G1's own one-sentence conclusion, from within-question evidence of several rollouts
+    g1 = first["reports"]["g1"]
+    assert first["conclusion"].startswith(g1["conclusion"]) and g1["n_mixed_questions"] > 0
+    assert g1["n_validation_responses"] == 4 * g1["n_validation"]  # rollouts_per_question = 4
+    assert md.index("What the gates concluded") < md.index("| stage")
+    assert g1["conclusion"].split(";")[0] in html
     for png in ("layermap_layermap.png", "g1_score_by_outcome.png", "g1_null_distribution.png",
                 "features_feature_density.png"):
         assert (root / "first" / "plots" / png).stat().st_size > 5000
@@ -106,3 +112,12 @@ def test_demo_command_exits_non_zero_with_the_stage_error_and_no_traceback(demo_
     assert "mechreward demo: error: stage probe failed" in p.stderr
     assert "Traceback" not in p.stderr
     assert "reusing" in p.stderr  # the first three stages came from the cache
+
+
+def test_g2_sentence_reads_no_learning_and_the_minimum_detectable_effect_when_present():
+    rep = {"verdict": "FAIL", "acc_before": 0.615, "arms": {"R0": {"acc_mean": 0.62}},
+           "delta_r1_r0": {"mean": 0.002, "ci95": [-0.01, 0.01]}}
+    s = g2_sentence(rep)
+    assert s == "G2 FAIL: outcome-only RL (R0) moved held-out accuracy from 0.615 to 0.620, R1−R0 +0.002 (CI -0.010..+0.010)."
+    s = g2_sentence({**rep, "verdict": "INCONCLUSIVE", "flags": ["NO_LEARNING"], "minimum_detectable_effect": 0.041})
+    assert "NO_LEARNING" in s and "could detect is 0.041" in s and s.startswith("G2 INCONCLUSIVE")

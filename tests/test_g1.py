@@ -11,6 +11,7 @@ import pytest
 import torch
 from scipy import stats as sps
 
+from mechreward import stats
 from mechreward.errors import DataError
 from mechreward.gates.g1 import (G1Protocol, check_disjoint, g1_statistics, random_pack_rhos, run_gate,
                                  split_questions, verdict)
@@ -195,7 +196,7 @@ def test_g1_command_end_to_end_on_a_tiny_model(tmp_path):
     out = tmp_path / "run"
     args = [sys.executable, "-m", "mechreward.g1", f"hydra.run.dir={out}", f"model.name_or_path={tmp_path / 'model'}",
             "model.device=cpu", "task.name=mcq", f"task.source={tmp_path / 'q.jsonl'}", "task.n=null",
-            f"sae.path={tmp_path / 'sae'}", "sampling.max_new_tokens=16", "sampling.batch_size=35",
+            f"sae.path={tmp_path / 'sae'}", "sampling.n=2", "sampling.max_new_tokens=16", "sampling.batch_size=70",
             "questions_per_shard=35", "n_discovery=30", "n_validation=40", "n_random_packs=100", "n_boot=200",
             "n_perm=500"]
     proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -207,8 +208,11 @@ def test_g1_command_end_to_end_on_a_tiny_model(tmp_path):
     assert set(report["controls"]) >= {"length_rho", "logprob_rho", "direction_rho", "random_pack_rho_p95",
                                        "partial_rho_length"}
     assert report["n_discovery"] == 30 and report["n_validation"] == 40
+    assert report["n_validation_responses"] == 80  # two rollouts per question
+    assert report["conclusion"].startswith(f"G1 {report['verdict']}") and "within" in report
     assert report["verdict"] == verdict(report["spearman_rho"])
     pack = FeaturePack.load(report["pack_path"])
+    assert pack.validation["flags"] == report["flags"]
     assert pack.validation["spearman_rho"] == report["spearman_rho"] and pack.layer == 1
     rs = RolloutSet(out / "rollouts")
     val = np.isin(rs.question_ids, pack.provenance["validation"])
@@ -221,3 +225,145 @@ def test_g1_command_end_to_end_on_a_tiny_model(tmp_path):
                                       f"rollouts={out / 'rollouts'}", f"sae.path={tmp_path / 'sae'}"],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "other/model" in bad.stderr and "Traceback" not in bad.stderr
+
+
+# --------------------------------------------------------------------------- within questions, flags, selection
+
+def _grouped(seed, G=150, m=4, within=1.2):
+    """G questions x m rollouts, P(correct) = sigmoid(easiness_q + within * x); returns x, easiness, y, groups."""
+    rng = np.random.default_rng(seed)
+    g = np.repeat(np.arange(G), m)
+    easy = rng.normal(scale=1.5, size=G)
+    x = rng.normal(size=G * m)
+    y = (rng.random(G * m) < 1 / (1 + np.exp(-(easy[g] + within * x)))).astype(int)
+    return x, easy[g] + rng.normal(scale=0.3, size=G * m), y, g.astype(str), rng
+
+
+def _brute_within(s, y, g):
+    wins = pairs = 0.0
+    for q in np.unique(g):
+        m = g == q
+        d = s[m][y[m] == 1][:, None] - s[m][y[m] == 0][None, :]
+        wins += (d > 0).sum() + 0.5 * (d == 0).sum()
+        pairs += d.size
+    return wins / pairs
+
+
+def test_within_numbers_for_the_pack_and_every_control_and_no_flags_for_a_real_within_signal():
+    x, _, y, g, rng = _grouped(0)
+    length, logprob, direction = rng.normal(size=y.size), rng.normal(size=y.size), rng.normal(size=y.size)
+    r = g1_statistics(x, y, g, length, logprob, direction, rng.normal(scale=0.02, size=100), n_boot=300, n_perm=500,
+                      random_within_aurocs=0.5 + rng.normal(scale=0.02, size=100))
+    assert r["within"]["pack"]["auroc"] == pytest.approx(_brute_within(x, y, g), abs=1e-12)
+    for name, v in [("length", length), ("logprob", logprob), ("direction", direction)]:
+        assert r["within"]["controls"][name]["auroc"] == pytest.approx(_brute_within(v, y, g), abs=1e-12)
+    assert r["n_mixed_questions"] == sum(0 < y[g == q].sum() < 4 for q in np.unique(g))
+    want = stats.incremental_lrt(x, y, np.column_stack([length, logprob]), groups=g)
+    assert r["incremental"]["within"]["chi2"] == pytest.approx(want.chi2) and r["incremental"]["within"]["p"] < 1e-3
+    assert r["incremental"]["across"]["p"] < 1e-3
+    assert not {"BEATEN_BY_BASELINE", "NOT_SIGNIFICANT", "UNINFORMATIVE_WITHIN"} & set(r["flags"]), r["flags"]
+    assert r["beaten_by"] == [] and "supports it as a GRPO reward" in r["conclusion"]
+
+
+def test_across_only_signal_is_flagged_uninformative_within():
+    x, easy, y, g, rng = _grouped(1)
+    r = g1_statistics(easy, y, g, rng.normal(size=y.size), rng.normal(size=y.size), rng.normal(size=y.size), [],
+                      n_boot=300, n_perm=500)
+    assert r["spearman_rho"] > 0.3 and r["verdict"] in ("PASS", "PASS-EXCELLENT") and r["p_value"] < 1e-6
+    lo, hi = r["within"]["pack"]["ci95"]
+    assert lo < 0.5 < hi and "UNINFORMATIVE_WITHIN" in r["flags"] and "NOT_SIGNIFICANT" not in r["flags"]
+    assert "does not support" in r["conclusion"]
+
+
+def test_a_better_cheap_signal_flags_beaten_by_baseline_naming_it():
+    x, _, y, g, rng = _grouped(2)
+    score = x + rng.normal(scale=2.0, size=y.size)  # a noisy copy of the signal
+    r = g1_statistics(score, y, g, rng.normal(size=y.size), x, rng.normal(size=y.size), [], n_boot=300, n_perm=500)
+    assert "BEATEN_BY_BASELINE" in r["flags"]
+    assert any(b.startswith("mean log-prob: |rho|") for b in r["beaten_by"])
+    assert any(b.startswith("mean log-prob: within-question AUROC") for b in r["beaten_by"])
+    # a control with a strong *negative* within-question AUROC beats the pack too (it can be used negated)
+    r2 = g1_statistics(score, y, g, -x, rng.normal(size=y.size), rng.normal(size=y.size), [], n_boot=300, n_perm=500)
+    assert any(b.startswith("length: within-question AUROC") for b in r2["beaten_by"])
+    assert r2["within"]["controls"]["length"]["auroc"] < 0.4
+
+
+def test_no_signal_is_not_significant_and_one_rollout_per_question_is_uninformative_within():
+    x, _, y, g, rng = _grouped(3)
+    r = g1_statistics(rng.normal(size=y.size), y, g, rng.normal(size=y.size), rng.normal(size=y.size),
+                      rng.normal(size=y.size), [], n_boot=300, n_perm=500)
+    assert r["p_value"] >= 0.05 and "NOT_SIGNIFICANT" in r["flags"]
+    one = np.arange(y.size).astype(str)  # every response its own question: nothing within
+    r1 = g1_statistics(x, y, one, rng.normal(size=y.size), rng.normal(size=y.size), rng.normal(size=y.size), [],
+                       n_boot=300, n_perm=500)
+    assert r1["n_mixed_questions"] == 0 and r1["within"]["pack"]["auroc"] is None
+    assert "UNINFORMATIVE_WITHIN" in r1["flags"] and r1["incremental"]["within"] is None
+    assert r1["incremental"]["across"]["p"] < 1e-3 and "sample several rollouts" in r1["conclusion"]
+
+
+def _grouped_rollouts(path: Path, seed=0, G=160, m=4, d_sae=30):
+    """Rollouts where latent 5 ranks completions within a question and latent 7 only marks easy questions."""
+    x, easy, y, g, rng = _grouped(seed, G, m, within=1.5)
+    n = y.size
+    codes = rng.exponential(size=(n, d_sae)) * (rng.random((n, d_sae)) < 0.3)
+    codes[:, 5] = np.maximum(0, 1 + x + rng.normal(scale=0.5, size=n)) * 0.3
+    q_easy = np.array([easy[g == q].mean() for q in g])  # one value per question: ties within it
+    codes[:, 7] = np.maximum(0, 2 + q_easy) * 2.0
+    lengths = rng.integers(5, 50, size=n)
+    codes[:, 9] = lengths * 0.1 + rng.random(n) * 0.1  # a latent that counts tokens
+    header = {"schema": "mechreward.rollouts", "version": 1, "model": "m", "d_model": 4, "n_layers": 4,
+              "layers": [2], "sae_layer": 2, "sae": {"sha256": "s" * 64, "d_sae": d_sae, "layer": 2, "hook": "h"},
+              "task": {}, "sampling": {}}
+    path.mkdir(parents=True)
+    (path / MANIFEST).write_text(json.dumps(header))
+    records = [{"question_id": f"q{g[i]}", "correct": bool(y[i]), "length": int(lengths[i]),
+                "logprobs": list(rng.normal(-1, 0.3, size=5)), "finish_reason": "eos"} for i in range(n)]
+    t = {"codes.mean": torch.tensor(codes, dtype=torch.float32),
+         "resid.mean.L2": torch.tensor(rng.normal(size=(n, 4))).float()}
+    write_shard(path / "shard-00000.safetensors", t, records)
+    return RolloutSet(path)
+
+
+def test_within_contrast_selects_the_feature_that_ranks_completions_of_a_question(tmp_path):
+    rs = _grouped_rollouts(tmp_path / "r")
+    base = dict(n_discovery=80, n_validation=80, n_random_packs=50, n_boot=200, n_perm=300)
+    pooled = run_gate(rs, G1Protocol(**base, selection=SelectionConfig(1, 0)), rs.header["sae"], "m", 2)
+    within = run_gate(rs, G1Protocol(**base, selection=SelectionConfig(1, 0, contrast="within")), rs.header["sae"], "m", 2)
+    assert pooled.pack.indices == [7] and within.pack.indices == [5]
+    assert pooled.report["spearman_rho"] > 0.3 and "UNINFORMATIVE_WITHIN" in pooled.report["flags"]
+    assert pooled.report["within"]["pack"]["auroc"] == 0.5  # constant within every question
+    assert within.report["within"]["pack"]["ci95"][0] > 0.5 and "UNINFORMATIVE_WITHIN" not in within.report["flags"]
+    assert within.pack.provenance["selection"]["contrast"] == "within"
+    assert within.pack.validation["flags"] == within.report["flags"]
+    assert within.pack.validation["within"]["pack"]["auroc"] == within.report["within"]["pack"]["auroc"]
+
+
+def test_selection_within_and_residualised_statistics_equal_a_direct_computation(tmp_path):
+    from mechreward.probe import feature_stats
+
+    rs = _grouped_rollouts(tmp_path / "r")
+    codes, y, g, L = rs.codes("mean").numpy().astype(np.float64), rs.labels, rs.question_ids, rs.lengths
+    fs = feature_stats(codes, y, contrast="within", groups=g)
+    mixed = np.array([0 < y[g == q].sum() < (g == q).sum() for q in g])
+    c = codes[mixed][:, fs.index]
+    qm = {q: c[g[mixed] == q].mean(0) for q in np.unique(g[mixed])}
+    cc = c - np.stack([qm[q] for q in g[mixed]])
+    ym = y[mixed]
+    a, b = cc[ym == 1], cc[ym == 0]
+    sd = np.sqrt((a.var(0, ddof=1) + b.var(0, ddof=1)) / 2)
+    d = np.divide(a.mean(0) - b.mean(0), sd, out=np.zeros(sd.shape), where=sd > 1e-9)  # latent 7: 0 within
+    assert fs.d == pytest.approx(d, abs=1e-9) and fs.d[fs.index == 7] == 0
+    assert fs.fire_count == pytest.approx((codes[:, fs.index] != 0).sum(0))  # fire counts stay those of raw codes
+    # length-residualised: the token-counting latent 9 loses its length-driven effect
+    fr = feature_stats(codes, y, lengths=L, residualise_length=True)
+    j = int(np.flatnonzero(fr.index == 9)[0])
+    res = codes[:, 9] - np.polyval(np.polyfit(L, codes[:, 9], 1), L)
+    want = (res[y == 1].mean() - res[y == 0].mean()) / np.sqrt((res[y == 1].var(ddof=1) + res[y == 0].var(ddof=1)) / 2)
+    assert fr.d[j] == pytest.approx(want, abs=1e-9) and abs(fr.d[j]) < 0.25
+    with pytest.raises(Exception, match="contrast=within needs"):
+        feature_stats(codes, y, contrast="within")
+    with pytest.raises(Exception, match="unknown selection.contrast 'across'"):
+        feature_stats(codes, y, contrast="across", groups=g)
+    one = np.arange(len(y)).astype(str)
+    with pytest.raises(DataError, match="sampling.n"):
+        feature_stats(codes, y, contrast="within", groups=one)

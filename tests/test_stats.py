@@ -275,3 +275,138 @@ def test_correlation_summary_fields_agree_with_the_single_functions():
 def test_correlation_summary_rejects_one_class_labels():
     with pytest.raises(DataError, match=r"labels are all 0 \(n=40\)"):
         S.correlation_summary(np.arange(40.0), np.zeros(40))
+
+
+# ----------------------------------------------------------------------------- within questions
+
+def _questions(seed, G=120, m=4, within=0.0, across=0.0):
+    """G questions x m rollouts; P(correct) = sigmoid(difficulty_q + within * x_i).
+
+    Returns the within-question signal x (independent of the question), the question's easiness
+    plus noise that does not depend on the rollout's outcome (`across` scales it), labels, groups.
+    """
+    rng = np.random.default_rng(seed)
+    g = np.repeat(np.arange(G), m)
+    easy = rng.normal(scale=1.5, size=G)
+    x = rng.normal(size=G * m)
+    y = (rng.random(G * m) < 1 / (1 + np.exp(-(easy[g] + within * x)))).astype(int)
+    q_score = easy[g] * across + rng.normal(scale=0.3, size=G * m)
+    return x, q_score, y, g.astype(str)
+
+
+def _brute_within_auroc(s, y, g):
+    wins = pairs = 0.0
+    for q in np.unique(g):
+        m = g == q
+        for a in s[m][y[m] == 1]:
+            for b in s[m][y[m] == 0]:
+                wins += 1.0 if a > b else 0.5 if a == b else 0.0
+                pairs += 1
+    return wins / pairs
+
+
+def test_within_auroc_equals_a_pair_by_pair_count_with_ties():
+    x, _, y, g = _questions(0, G=40, m=5, within=1.0)
+    s = np.round(x, 1)  # ties inside questions count 1/2
+    assert S.within_auroc(s, y, g) == pytest.approx(_brute_within_auroc(s, y, g), abs=1e-12)
+    many = S.within_auroc_many(np.stack([s, -s, y.astype(float)]), y, g)
+    assert many == pytest.approx([_brute_within_auroc(s, y, g), 1 - _brute_within_auroc(s, y, g), 1.0])
+    mixed = S.mixed_questions(y, g)
+    want = sum(0 < y[g == q].sum() < 5 for q in np.unique(g))
+    assert len(set(g[mixed])) == want and S.within_summary(s, y, g, 100, 100).n_mixed_questions == want
+
+
+def _brute_within_summary(s, y, g, n_boot, n_perm, seed):
+    """Independent loops: resample mixed questions; shuffle labels within each question."""
+    rng = np.random.default_rng(seed + 12345)
+    qs = [q for q in np.unique(g) if 0 < y[g == q].sum() < (g == q).sum()]
+
+    def pooled(qlist, lab):
+        w = p = 0.0
+        for q in qlist:
+            m = g == q
+            ss, yy = s[m], lab[m]
+            d = ss[yy == 1][:, None] - ss[yy == 0][None, :]
+            w += (d > 0).sum() + 0.5 * (d == 0).sum()
+            p += d.size
+        return w / p
+
+    est = pooled(qs, y)
+    boots = [pooled([qs[i] for i in rng.integers(0, len(qs), len(qs))], y) for _ in range(n_boot)]
+    null = []
+    for _ in range(n_perm):
+        lab = y.copy()
+        for q in qs:
+            idx = np.flatnonzero(g == q)
+            lab[idx] = rng.permutation(lab[idx])
+        null.append(pooled(qs, lab))
+    null = np.array(null) - 0.5
+    p = min(1.0, 2 * min((1 + (null >= est - 0.5).sum()) / (n_perm + 1), (1 + (null <= est - 0.5).sum()) / (n_perm + 1)))
+    return est, np.quantile(boots, [0.025, 0.975]), p
+
+
+def test_within_summary_matches_an_independent_computation():
+    x, _, y, g = _questions(1, G=60, m=4, within=0.2)
+    got = S.within_summary(x, y, g, n_boot=1000, n_perm=1000, seed=0)
+    est, ci, p = _brute_within_summary(x, y, g, 1000, 1000, 0)
+    assert got.auroc == pytest.approx(est, abs=1e-12)
+    assert got.ci95 == pytest.approx(tuple(ci), abs=0.02)  # different random draws, same distribution
+    assert got.permutation_p == pytest.approx(p, abs=0.03)
+    assert 0.005 < p < 0.5  # a case where the p-value is neither 0-like nor 1-like, so the check bites
+
+
+def test_within_effect_is_detected_within_and_across_only_effect_only_across():
+    x, q_score, y, g = _questions(2, G=150, m=4, within=1.2, across=1.0)
+    # a score that ranks completions of the same question: detected within (and across)
+    w = S.within_summary(x, y, g, n_boot=1000, n_perm=2000, seed=0)
+    assert w.auroc > 0.6 and w.ci95[0] > 0.5 and w.permutation_p < 0.01
+    assert S.spearman(x, y).p < 0.05
+    # a score that only knows which questions are easy: strong across, nothing within
+    a = S.within_summary(q_score, y, g, n_boot=1000, n_perm=2000, seed=0)
+    rho = S.spearman(q_score, y)
+    assert rho.stat > 0.3 and rho.p < 1e-6 and S.correlation_summary(q_score, y, g, 300, 300).ci95[0] > 0
+    assert a.ci95[0] < 0.5 < a.ci95[1] and a.permutation_p > 0.05
+    assert abs(S.within_auroc(q_score, y, g) - _brute_within_auroc(q_score, y, g)) < 1e-12
+
+
+def test_within_summary_without_mixed_questions_is_empty_not_an_error():
+    y = np.array([1, 1, 0, 0, 1, 1])
+    g = np.array(["a", "a", "b", "b", "c", "c"])
+    w = S.within_summary(np.arange(6.0), y, g, 50, 50)
+    assert w.n_mixed_questions == 0 and w.auroc is None and w.ci95 is None
+    with pytest.raises(DataError, match="no question has both"):
+        S.within_auroc(np.arange(6.0), y, g)
+
+
+def test_incremental_lrt_equals_statsmodels_across_and_within():
+    sm = pytest.importorskip("statsmodels.api")
+    from statsmodels.discrete.conditional_models import ConditionalLogit
+
+    x, q_score, y, g = _questions(3, G=120, m=4, within=0.8, across=1.0)
+    rng = np.random.default_rng(0)
+    length = q_score + rng.normal(size=y.size)
+    logprob = rng.normal(size=y.size)
+    z = np.column_stack([length, logprob])
+    score = x + 0.5 * length
+    across = S.incremental_lrt(score, y, z)
+    X = np.column_stack([z, score])
+    X = (X - X.mean(0)) / X.std(0)
+    full, red = sm.Logit(y, sm.add_constant(X)).fit(disp=0), sm.Logit(y, sm.add_constant(X[:, :2])).fit(disp=0)
+    assert across.chi2 == pytest.approx(2 * (full.llf - red.llf), rel=1e-6)
+    assert across.coef == pytest.approx(full.params[-1], rel=1e-6) and across.n == y.size
+    within = S.incremental_lrt(score, y, z, groups=g)
+    mixed = S.mixed_questions(y, g)
+    Xm = np.column_stack([z, score])[mixed]
+    Xm = (Xm - Xm.mean(0)) / Xm.std(0)
+    cf = ConditionalLogit(y[mixed], Xm, groups=g[mixed]).fit(disp=0)
+    cr = ConditionalLogit(y[mixed], Xm[:, :2], groups=g[mixed]).fit(disp=0)
+    assert within.chi2 == pytest.approx(2 * (cf.llf - cr.llf), rel=1e-4)
+    assert within.coef == pytest.approx(cf.params[-1], rel=1e-4) and within.n == int(mixed.sum())
+    assert within.p < 1e-3
+
+
+def test_within_centre_removes_question_means():
+    x = np.array([1.0, 3.0, 10.0, 20.0, 30.0])
+    g = np.array(["a", "a", "b", "b", "b"])
+    assert S.within_centre(x, g) == pytest.approx([-1, 1, -10, 0, 10])
+    assert S.within_centre(np.column_stack([x, 2 * x]), g)[:, 1] == pytest.approx([-2, 2, -20, 0, 20])

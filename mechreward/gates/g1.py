@@ -8,9 +8,21 @@ over questions, permutation p, AUROC, Pearson. Controls on the same validation r
 layer (mean-pooled residual; the R2 signal), of random packs of the same size and signs (null
 distribution), and the partial Spearman of R controlling for length.
 
+Within questions (what GRPO's group normalisation uses): on questions with ≥ 1 correct and ≥ 1
+wrong rollout ("mixed"), the AUROC over (correct, wrong) pairs of the same question, a
+bootstrap CI over mixed questions and a permutation p shuffling labels within questions — for
+the pack and for every control (length, mean log-prob, direction, random packs). Incremental
+validity: nested likelihood-ratio tests of the pack score beyond length and mean log-prob,
+across questions (logistic regression) and within questions (conditional logistic regression
+stratified by question), and the partial Spearman ρ controlling for both.
+
 Verdict (published thresholds on ρ): ≥ 0.50 PASS-EXCELLENT, ≥ 0.30 PASS, ≥ 0.10 WEAK, else
-FAIL. Flags: CI_LOWER_BOUND_LE_0 (the CI's lower bound ≤ 0), CONFOUNDED (|ρ_length| ≥ ρ), and
-NOT_ABOVE_RANDOM_PACKS (ρ ≤ the 95th percentile of the random-pack null).
+FAIL. Flags beside it: CI_LOWER_BOUND_LE_0 (the CI's lower bound ≤ 0), CONFOUNDED
+(|ρ_length| ≥ ρ), NOT_ABOVE_RANDOM_PACKS (ρ ≤ the 95th percentile of the random-pack null),
+BEATEN_BY_BASELINE (a control's |ρ| ≥ the pack's ρ, or its within-question |AUROC − 0.5| ≥ the
+pack's AUROC − 0.5; random packs: their 95th percentiles), NOT_SIGNIFICANT (p or permutation
+p ≥ 0.05), UNINFORMATIVE_WITHIN (the within-question CI includes 0.5, or fewer than 2 mixed
+questions). `conclusion` says in one sentence what the numbers mean for a GRPO reward.
 """
 
 from __future__ import annotations
@@ -32,6 +44,8 @@ MIN_DISCOVERY = 4
 """Fewest discovery questions (two of each class are needed for a ddof=1 effect size)."""
 MIN_VALIDATION = 10
 """Fewest validation questions the statistics are computed on."""
+ALPHA = 0.05
+"""Significance level of NOT_SIGNIFICANT."""
 
 
 @dataclass
@@ -60,7 +74,10 @@ def verdict(rho: float) -> str:
     return "FAIL"
 
 
-def gate_flags(rho: float, ci95: Sequence[float], length_rho: float | None, random_p95: float | None) -> list[str]:
+def gate_flags(rho: float, ci95: Sequence[float], length_rho: float | None, random_p95: float | None,
+               p: float | None = None, permutation_p: float | None = None, beaten_by: Sequence[str] = (),
+               within_ci95: Sequence[float] | None = None, within_checked: bool = False) -> list[str]:
+    """The flags beside the verdict (module docstring). `within_checked`: the within-question flag applies."""
     flags = []
     if ci95[0] <= 0:
         flags.append("CI_LOWER_BOUND_LE_0")
@@ -68,7 +85,34 @@ def gate_flags(rho: float, ci95: Sequence[float], length_rho: float | None, rand
         flags.append("CONFOUNDED")
     if random_p95 is not None and rho <= random_p95:
         flags.append("NOT_ABOVE_RANDOM_PACKS")
+    if beaten_by:
+        flags.append("BEATEN_BY_BASELINE")
+    if (p is not None and p >= ALPHA) or (permutation_p is not None and permutation_p >= ALPHA):
+        flags.append("NOT_SIGNIFICANT")
+    if within_checked and (within_ci95 is None or within_ci95[0] <= 0.5 <= within_ci95[1]):
+        flags.append("UNINFORMATIVE_WITHIN")
     return flags
+
+
+def beaten_by(rho: float, within_auroc: float | None, controls: dict[str, tuple[float | None, float | None]],
+              random_rho_p95: float | None = None, random_within_p95: float | None = None) -> list[str]:
+    """Controls at least as good as the pack: `controls` maps a name to (across ρ, within AUROC).
+
+    Across: |ρ_control| ≥ ρ_pack. Within: |AUROC_control − 0.5| ≥ AUROC_pack − 0.5 (a control is
+    free to be used with either sign; the pack's sign was fixed on discovery). Random packs:
+    their 95th percentiles (same signs as the pack) against the pack.
+    """
+    out = []
+    for name, (c_rho, c_auc) in controls.items():
+        if c_rho is not None and abs(c_rho) >= rho:
+            out.append(f"{name}: |rho| {abs(c_rho):.3f} >= pack rho {rho:.3f}")
+        if c_auc is not None and within_auroc is not None and abs(c_auc - 0.5) >= within_auroc - 0.5:
+            out.append(f"{name}: within-question AUROC {c_auc:.3f} is as far from 0.5 as the pack's {within_auroc:.3f}")
+    if random_rho_p95 is not None and random_rho_p95 >= rho:
+        out.append(f"random packs: rho 95th pct {random_rho_p95:.3f} >= pack rho {rho:.3f}")
+    if random_within_p95 is not None and within_auroc is not None and random_within_p95 >= within_auroc:
+        out.append(f"random packs: within-question AUROC 95th pct {random_within_p95:.3f} >= pack {within_auroc:.3f}")
+    return out
 
 
 # --------------------------------------------------------------------------- split
@@ -110,19 +154,28 @@ def _rho_or_none(x, y) -> float | None:
         return None
 
 
-def random_pack_rhos(pooled_val: np.ndarray, labels: np.ndarray, alive: np.ndarray, weights: Sequence[float],
-                     n_packs: int, seed: int) -> np.ndarray:
-    """Spearman ρ of `n_packs` random packs: the pack's weights on features drawn from `alive`.
-
-    pooled_val `[n, d_sae]` → `[n_packs]`. A pack whose score is constant on validation has ρ = 0.
-    """
+def random_pack_scores(pooled_val: np.ndarray, alive: np.ndarray, weights: Sequence[float], n_packs: int,
+                       seed: int) -> np.ndarray:
+    """Scores `[n_packs, n]` of random packs: the pack's weights on features drawn from `alive`."""
     m = len(weights)
     if alive.size < m:
         raise DataError(f"only {alive.size} features fire on discovery; cannot draw random packs of {m}")
     rng = np.random.default_rng(seed)
     picks = np.stack([rng.choice(alive, size=m, replace=False) for _ in range(n_packs)])  # [K, m]
     w = np.asarray(weights, dtype=np.float64)
-    scores = np.einsum("nkm,m->kn", pooled_val[:, picks], w)  # [K, n]
+    return np.einsum("nkm,m->kn", pooled_val[:, picks], w)  # [K, n]
+
+
+def random_pack_rhos(pooled_val: np.ndarray, labels: np.ndarray, alive: np.ndarray, weights: Sequence[float],
+                     n_packs: int, seed: int, scores: np.ndarray | None = None) -> np.ndarray:
+    """Spearman ρ of `n_packs` random packs: the pack's weights on features drawn from `alive`.
+
+    pooled_val `[n, d_sae]` → `[n_packs]` (or pass their `scores [K, n]`). A pack whose score is
+    constant on validation has ρ = 0.
+    """
+    if scores is None:
+        scores = random_pack_scores(pooled_val, alive, weights, n_packs, seed)
+    n_packs = scores.shape[0]
     ranks = sps.rankdata(scores, axis=1)
     y = sps.rankdata(labels)
     rc = ranks - ranks.mean(1, keepdims=True)
@@ -131,9 +184,74 @@ def random_pack_rhos(pooled_val: np.ndarray, labels: np.ndarray, alive: np.ndarr
     return np.divide(rc @ yc, denom, out=np.zeros(n_packs), where=denom > 0)
 
 
+def _within_or_none(x, labels, groups, n_boot: int, n_perm: int, seed: int) -> dict:
+    """`stats.within_summary` as a dict; all None when the control is not finite."""
+    xa = np.asarray(x, dtype=np.float64)
+    if not np.all(np.isfinite(xa)):
+        return {"n_mixed_questions": None, "n_pairs": None, "auroc": None, "ci95": None, "permutation_p": None}
+    return stats.within_summary(xa, labels, groups, n_boot=n_boot, n_perm=n_perm, seed=seed).to_dict()
+
+
+def incremental_validity(score, labels, groups, length, logprob) -> dict:
+    """The pack score beyond length and mean log-prob: LRTs across and within questions, partial ρ.
+
+    Mean log-prob enters when it is finite everywhere; an undefined test (too few mixed
+    questions, a constant covariate) is None.
+    """
+    covs = [np.asarray(length, dtype=np.float64)]
+    names = ["length"]
+    lp = np.asarray(logprob, dtype=np.float64)
+    if np.all(np.isfinite(lp)):
+        covs.append(lp)
+        names.append("mean_logprob")
+    z = np.column_stack(covs)
+    out: dict = {"covariates": names}
+    for key, g in (("across", None), ("within", groups)):
+        try:
+            r = stats.incremental_lrt(score, labels, z, groups=g)
+            out[key] = {"chi2": r.chi2, "p": r.p, "coef_per_sd": r.coef, "n": r.n}
+        except DataError as e:
+            out[key] = None
+            out[f"{key}_undefined"] = str(e)
+    try:
+        pr = stats.partial_spearman(score, labels, z)
+        out["partial_rho"] = {"rho": pr.stat, "p": pr.p}
+    except DataError:
+        out["partial_rho"] = None
+    return out
+
+
+def conclusion(r: dict) -> str:
+    """One sentence a researcher can read: what G1 says about the pack as a GRPO reward, and why."""
+    w = r["within"]["pack"]
+    inc = r["incremental"]
+    head = f"G1 {r['verdict']} on the published across-question statistic (rho = {r['spearman_rho']:.3f})"
+    if w["auroc"] is None:
+        return (head + f", but only {w['n_mixed_questions']} validation question(s) have both a correct and a wrong "
+                "rollout, so nothing shows the pack ranks completions of the same question, which is all a GRPO "
+                "reward can use (sample several rollouts per question).")
+    lo, hi = w["ci95"]
+    within = (f"within questions it ranks a correct above a wrong completion of the same question in "
+              f"{w['auroc']:.0%} of pairs (CI {lo:.2f}-{hi:.2f}, {w['n_mixed_questions']} mixed questions, "
+              f"permutation p {w['permutation_p']:.2g})")
+    ctrl = r["within"]["controls"]
+    best = max(((k, v["auroc"]) for k, v in ctrl.items() if k != "random_packs" and v.get("auroc") is not None),
+               key=lambda kv: abs(kv[1] - 0.5), default=None)
+    base = "" if best is None else f", against {abs(best[1] - 0.5) + 0.5:.2f} for the best cheap signal ({best[0]})"
+    iw = inc.get("within")
+    beyond = "" if iw is None else (f"; beyond length and log-prob it {'adds' if iw['p'] < ALPHA else 'adds nothing'} "
+                                     f"within questions (LRT p = {iw['p']:.2g})")
+    useful = ("UNINFORMATIVE_WITHIN" not in r["flags"] and "BEATEN_BY_BASELINE" not in r["flags"]
+              and iw is not None and iw["p"] < ALPHA)
+    tail = (": the within-question evidence supports it as a GRPO reward." if useful else
+            ": the evidence does not support it as a GRPO reward over a cheaper signal." if "BEATEN_BY_BASELINE" in r["flags"]
+            else ": the evidence does not support it as a GRPO reward.")
+    return f"{head}; {within}{base}{beyond}{tail}"
+
+
 def g1_statistics(score, labels, groups, length, logprob, direction_score, random_rhos, n_boot: int = 2000,
-                  n_perm: int = 10000, seed: int = 0) -> dict:
-    """The report numbers of G1 from validation arrays (all `[n]`; random_rhos `[K]`)."""
+                  n_perm: int = 10000, seed: int = 0, random_within_aurocs=None) -> dict:
+    """The report numbers of G1 from validation arrays (all `[n]`; random_rhos and random_within_aurocs `[K]`)."""
     summary = stats.correlation_summary(score, labels, groups=groups, n_boot=n_boot, n_perm=n_perm, seed=seed)
     length_rho = _rho_or_none(length, labels)
     try:
@@ -143,18 +261,41 @@ def g1_statistics(score, labels, groups, length, logprob, direction_score, rando
     finite_lp = np.all(np.isfinite(logprob))
     null = np.asarray(random_rhos, dtype=np.float64)
     p95 = float(np.quantile(null, 0.95)) if null.size else None
-    controls = {"length_rho": length_rho, "logprob_rho": _rho_or_none(logprob, labels) if finite_lp else None,
-                "direction_rho": _rho_or_none(direction_score, labels), "random_pack_rho_p95": p95,
+    logprob_rho = _rho_or_none(logprob, labels) if finite_lp else None
+    direction_rho = _rho_or_none(direction_score, labels)
+    controls = {"length_rho": length_rho, "logprob_rho": logprob_rho,
+                "direction_rho": direction_rho, "random_pack_rho_p95": p95,
                 "partial_rho_length": partial,
                 "random_pack_rho_mean": float(null.mean()) if null.size else None,
                 "random_pack_p": float((1 + np.sum(null >= summary.rho)) / (1 + null.size)) if null.size else None,
                 "n_random_packs": int(null.size)}
     rho = summary.rho
-    return {"spearman_rho": rho, "p_value": summary.p, "ci95": list(summary.ci95),
-            "permutation_p": summary.permutation_p, "auroc": summary.auroc, "pearson_r": summary.pearson,
-            "pearson_p": summary.pearson_p, "n_validation_responses": summary.n,
-            "n_correct_validation": summary.n_pos, "verdict": verdict(rho),
-            "flags": gate_flags(rho, summary.ci95, length_rho, p95), "controls": controls}
+    # within questions: the pack and every control
+    lab = np.asarray(labels).astype(int)
+    wpack = _within_or_none(score, lab, groups, n_boot, n_perm, seed)
+    wctrl = {"length": _within_or_none(length, lab, groups, n_boot, n_perm, seed),
+             "logprob": _within_or_none(logprob, lab, groups, n_boot, n_perm, seed),
+             "direction": _within_or_none(direction_score, lab, groups, n_boot, n_perm, seed)}
+    rw = None if random_within_aurocs is None else np.asarray(random_within_aurocs, dtype=np.float64)
+    if rw is not None and rw.size and wpack["auroc"] is not None:
+        wctrl["random_packs"] = {"auroc_p95": float(np.quantile(rw, 0.95)), "auroc_mean": float(rw.mean()),
+                                 "p": float((1 + np.sum(rw >= wpack["auroc"])) / (1 + rw.size)), "n": int(rw.size)}
+    else:
+        wctrl["random_packs"] = {"auroc_p95": None, "auroc_mean": None, "p": None, "n": 0}
+    beaten = beaten_by(rho, wpack["auroc"], {"length": (length_rho, wctrl["length"]["auroc"]),
+                                             "mean log-prob": (logprob_rho, wctrl["logprob"]["auroc"]),
+                                             "direction": (direction_rho, wctrl["direction"]["auroc"])},
+                       p95, wctrl["random_packs"]["auroc_p95"])
+    flags = gate_flags(rho, summary.ci95, length_rho, p95, summary.p, summary.permutation_p, beaten,
+                       wpack["ci95"], within_checked=True)
+    out = {"spearman_rho": rho, "p_value": summary.p, "ci95": list(summary.ci95),
+           "permutation_p": summary.permutation_p, "auroc": summary.auroc, "pearson_r": summary.pearson,
+           "pearson_p": summary.pearson_p, "n_validation_responses": summary.n,
+           "n_correct_validation": summary.n_pos, "verdict": verdict(rho), "flags": flags, "controls": controls,
+           "n_mixed_questions": wpack["n_mixed_questions"], "within": {"pack": wpack, "controls": wctrl},
+           "incremental": incremental_validity(score, lab, groups, length, logprob), "beaten_by": beaten}
+    out["conclusion"] = conclusion(out)
+    return out
 
 
 # --------------------------------------------------------------------------- the gate
@@ -197,14 +338,21 @@ def run_gate(rs, protocol: G1Protocol, sae_ref: dict, model: str, layer: int) ->
                           provenance={"rollouts": str(rs.dir), "task": rs.header.get("task"),
                                       "sampling": rs.header.get("sampling"), "discovery": sorted(disc_q),
                                       "prompt_format": _prompt_format(rs.header),
-                                      "validation": sorted(val_q), "seed": protocol.seed})
+                                      "validation": sorted(val_q), "seed": protocol.seed},
+                          groups=qids[disc], lengths=rs.lengths[disc])
     score = pack.score_pooled(codes[val])
     resid = rs.resid(layer, "mean").numpy().astype(np.float64)  # [R, d_model]
     direction = resid[disc][labels[disc] == 1].mean(0) - resid[disc][labels[disc] == 0].mean(0)
-    null = random_pack_rhos(codes[val], labels[val], fs.index, pack.weights, protocol.n_random_packs,
-                            protocol.seed + 1) if protocol.n_random_packs > 0 else np.zeros(0)
+    null, null_within = np.zeros(0), None
+    if protocol.n_random_packs > 0:
+        rscores = random_pack_scores(codes[val], fs.index, pack.weights, protocol.n_random_packs, protocol.seed + 1)
+        null = random_pack_rhos(codes[val], labels[val], fs.index, pack.weights, protocol.n_random_packs,
+                                protocol.seed + 1, scores=rscores)
+        if stats.mixed_questions(labels[val], qids[val]).any():
+            null_within = stats.within_auroc_many(rscores, labels[val], qids[val])
     report = g1_statistics(score, labels[val], qids[val], rs.lengths[val], rs.mean_logprobs[val],
-                           resid[val] @ direction, null, protocol.n_boot, protocol.n_perm, protocol.seed)
+                           resid[val] @ direction, null, protocol.n_boot, protocol.n_perm, protocol.seed,
+                           random_within_aurocs=null_within)
     report = {**report, "n_discovery": len(disc_q), "n_validation": len(val_q),
               "n_discovery_responses": int(len(disc)), "n_correct_discovery": int(labels[disc].sum()),
               "n_features": len(pack.features), "n_features_alive": int(fs.index.size),
@@ -212,6 +360,7 @@ def run_gate(rs, protocol: G1Protocol, sae_ref: dict, model: str, layer: int) ->
               "prompt_format": pack.provenance.get("prompt_format")}
     pack.validation = {k: report[k] for k in ("spearman_rho", "p_value", "ci95", "permutation_p", "auroc",
                                               "pearson_r", "n_validation", "n_correct_validation", "verdict",
-                                              "flags", "controls")}
+                                              "flags", "controls", "n_mixed_questions", "within", "incremental",
+                                              "beaten_by", "conclusion")}
     pack.validation["gate"] = "G1"
     return G1Result(report, pack, fs, score, labels[val], null)
