@@ -23,6 +23,7 @@ from .gates.g2 import ARMS, G2Protocol, summarise
 from .models import ModelConfig, load_model, resolve_device
 from .run import Run, markdown_table
 from .tasks import TaskConfig, load_task
+from .vllm_backend import VLLMSettings
 
 
 @dataclass
@@ -40,6 +41,8 @@ class G2Config:
     """Override the pack's recorded SAE path."""
     protocol: G2Protocol = field(default_factory=G2Protocol)
     arms: list[str] = field(default_factory=lambda: list(ARMS))
+    vllm: VLLMSettings = field(default_factory=VLLMSettings)
+    """vLLM engine settings when `protocol.grpo.use_vllm=true` (dtype, CPU KV cache); TRL's vllm_* fields stay in protocol.grpo."""
     seed: int = 0
 
 
@@ -105,7 +108,8 @@ def run_arm(arm: str, seed: int, cfg: G2Config, task, train_qs, eval_qs, rewards
     lora = LoraConfig(r=p.lora_r, lora_alpha=p.lora_alpha, target_modules=p.lora_target_modules, lora_dropout=0.0,
                       task_type="CAUSAL_LM")
     trainer = MechGRPOTrainer(model, reward_funcs=funcs, args=args, train_dataset=_dataset(train_qs),
-                              processing_class=tokenizer, peft_config=lora, mech_lambda=p.lam)
+                              processing_class=tokenizer, peft_config=lora, mech_lambda=p.lam,
+                              vllm_settings=cfg.vllm)
     init_sha = weights_sha(trainer.model)
     trainer.train()
     corr = [r[k] for r in trainer.state.log_history for k in r if k.endswith("_outcome_corr")]

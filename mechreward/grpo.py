@@ -103,12 +103,17 @@ class MechGRPOTrainer(GRPOTrainer):
         beta_schedule: KL coefficient β over training ([start, end] or LinearSchedule); None = `args.beta`
             fixed. `args.beta` must be non-zero for TRL to build the reference.
         composition: `normalize_then_weight` (default) or `trl`.
+        vllm_settings: `mechreward.vllm_backend.VLLMSettings` for `args.use_vllm` (dtype, CPU KV cache);
+            on vLLM's CPU platform TRL's weight sync is replaced by vLLM's own reload (`trl_vllm_compat`).
     """
 
     def __init__(self, *args: Any, mech_lambda: float | LinearSchedule | Sequence[float] = 0.1,
                  beta_schedule: LinearSchedule | Sequence[float] | None = None,
-                 composition: str = "normalize_then_weight", **kwargs: Any):
-        super().__init__(*args, **kwargs)
+                 composition: str = "normalize_then_weight", vllm_settings=None, **kwargs: Any):
+        from .vllm_backend import trl_vllm_compat
+
+        with trl_vllm_compat(self, vllm_settings):  # TRL's own vLLM path except on vLLM's CPU platform
+            super().__init__(*args, **kwargs)
         if not show_progress():
             # Not a terminal (or CI): no per-step dict printing; metrics still reach `log_history`
             # and the run's own metrics.jsonl.

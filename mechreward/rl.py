@@ -24,6 +24,7 @@ from .errors import ConfigError, DataError
 from .models import ModelConfig, load_model, resolve_device
 from .run import Run
 from .tasks import TaskConfig, load_task
+from .vllm_backend import VLLMSettings
 
 REWARDS = ("sae", "direction", "none")
 
@@ -67,6 +68,8 @@ class RLConfig:
     """Conversational prompts through the tokenizer's chat template; null = when it has one."""
     grpo: dict = field(default_factory=dict)
     """GRPOConfig overrides by their TRL names."""
+    vllm: VLLMSettings = field(default_factory=VLLMSettings)
+    """vLLM engine settings when `grpo.use_vllm=true` (dtype, CPU KV cache); TRL's vllm_* fields stay under grpo."""
     eval_every: int = 10
     """Monitor every N steps (0 = never)."""
     eval_max_new_tokens: int = 64
@@ -169,7 +172,7 @@ def run_rl(cfg: RLConfig, run: Run) -> dict:
     trainer = MechGRPOTrainer(model, reward_funcs=funcs, args=args, train_dataset=ds, processing_class=tokenizer,
                               peft_config=peft_config, callbacks=callbacks,
                               mech_lambda=[cfg.lam, cfg.lam if cfg.lam_end is None else cfg.lam_end],
-                              beta_schedule=beta_schedule)
+                              beta_schedule=beta_schedule, vllm_settings=cfg.vllm)
     resume = None
     if cfg.resume:
         from transformers.trainer_utils import get_last_checkpoint
