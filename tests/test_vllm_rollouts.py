@@ -37,3 +37,5 @@ def test_vllm_rollouts_resume_match_hf_teacher_forcing_and_feed_g1(tmp_path):
         assert key in r["g1_keys"], key
     assert r["g1"]["n_discovery"] == 30 and r["g1"]["n_validation"] == 40
     assert 0.1 < r["g1_accuracy"] < 0.9  # the organism's sampled accuracy (~0.49), both classes present
+    # a head size vLLM's CPU attention refuses: one error naming it and the way out
+    assert "head_dim=16" in r["head_error"] and "sampling.backend=hf" in r["head_error"]

@@ -62,6 +62,7 @@ def rollouts(work: Path, p: dict) -> dict:
     sae = load_sae(R.resolve_sae_path("organism"))
     layer = header["sae_layer"]
     lp_gap, resid_gap, code_gap, csr_gap = 0.0, 0.0, 0.0, 0.0
+    torch.set_grad_enabled(False)
     for i, r in enumerate(rs.records):
         hf = _hf_logprobs(model, r["prompt_ids"], r["completion_ids"])
         lp_gap = max(lp_gap, float((hf - torch.tensor(r["logprobs"])).abs().max()))
@@ -92,7 +93,19 @@ def rollouts(work: Path, p: dict) -> dict:
                      n_random_packs=100, n_boot=200, n_perm=500)
     g1 = run_g1(g1cfg, Run(work / "g1", "g1"))
     g1_rs = R.RolloutSet(g1["rollouts_dir"])
+    # 4. a model vLLM's CPU attention refuses (head_dim 16): one clear error, before any engine starts
+    from mechreward.errors import ModelError
+    from mechreward.vllm_backend import VLLMSettings, build_llm
+    from tiny import save_tiny
+
+    bad = save_tiny(work / "tiny16", "qwen3")
+    try:
+        build_llm(str(bad), VLLMSettings(), "float32")
+        head_error = None
+    except ModelError as e:
+        head_error = str(e)
     return {
+        "head_error": head_error,
         "n_records": len(rs), "question_ids": rs.question_ids.tolist(), "n_shards": len(rs.shards),
         "first_shard_unchanged": (out / "shard-00000.safetensors").read_bytes() == first,
         "report": report, "hf_report_keys": sorted(hf_report), "header": header, "hf_header_keys": sorted(hf_header),
