@@ -50,6 +50,7 @@ def main() -> None:
     t0 = time.perf_counter()
     _sample_vllm(ModelConfig(device="cpu"), tok, prompts[:1], cfg, seed=0)  # engine start + one tiny request
     start_s = time.perf_counter() - t0
+    print(f"vLLM engine start {start_s:.1f} s", flush=True)
 
     def hf(seed):
         return sample(model, tok, prompts, n=a.n, temperature=1.0, top_p=1.0, max_new_tokens=a.max_new_tokens,
@@ -67,6 +68,8 @@ def main() -> None:
             dt = time.perf_counter() - t
             toks = sum(len(s.completion_ids) for s in out)
             rates[name].append((len(out) / dt, toks / dt, dt, toks / len(out)))
+            print(f"round {r} {name:4s} {len(out) / dt:8.1f} completions/s {toks / dt:9.1f} tokens/s ({dt:.2f} s)",
+                  flush=True)
     res = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "date": time.strftime("%Y-%m-%d"),
            "torch": torch.__version__, "transformers": transformers.__version__, "vllm": vllm.__version__,
            "questions": a.questions, "n": a.n, "max_new_tokens": a.max_new_tokens, "hf_batch": a.batch,
