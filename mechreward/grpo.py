@@ -128,15 +128,21 @@ class MechGRPOTrainer(GRPOTrainer):
         beta_schedule: KL coefficient β over training ([start, end] or LinearSchedule); None = `args.beta`
             fixed. `args.beta` must be non-zero for TRL to build the reference.
         composition: `normalize_then_weight` (default) or `trl`.
+        vllm_settings: `mechreward.vllm_backend.VLLMSettings` for `args.use_vllm` (dtype, CPU KV cache);
+            on vLLM's CPU platform TRL's weight sync is replaced by vLLM's own reload (`trl_vllm_compat`).
     """
 
     def __init__(self, *args: Any, mech_lambda: float | LinearSchedule | Sequence[float] = 0.1,
                  beta_schedule: LinearSchedule | Sequence[float] | None = None,
-                 composition: str = "normalize_then_weight", prompt_format=None, **kwargs: Any):
+                 composition: str = "normalize_then_weight", prompt_format=None, vllm_settings=None,
+                 **kwargs: Any):
+        from .vllm_backend import trl_vllm_compat
+
         funcs = kwargs.get("reward_funcs", args[1] if len(args) > 1 else None)
         funcs = funcs if isinstance(funcs, (list, tuple)) else [funcs]
         _check_mech_rewards([f for f in funcs if isinstance(f, HiddenStateReward)], None)  # before loading anything
-        super().__init__(*args, **kwargs)
+        with trl_vllm_compat(self, vllm_settings):  # TRL's own vLLM path except on vLLM's CPU platform
+            super().__init__(*args, **kwargs)
         _check_mech_rewards([f for f in self.reward_funcs if isinstance(f, HiddenStateReward)], self.model)
         if not show_progress():
             # Not a terminal (or CI): no per-step dict printing; metrics still reach `log_history`

