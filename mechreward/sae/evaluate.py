@@ -195,12 +195,12 @@ def splice_metrics(model: nn.Module, layer: int, sae: SparseAutoencoder, input_i
             am = attention_mask[i:i + step].to(device)
             where = spliced[i:i + step].to(device)[..., None]
 
-            def reconstruct(h: Tensor) -> Tensor:
+            def reconstruct(h: Tensor, where: Tensor = where) -> Tensor:
                 values, indices = sae.encode(h.to(sae.device))
                 x_hat = sae.decode(values, indices).to(h.dtype).to(h.device)
                 return torch.where(where, x_hat, h)
 
-            def zeros(h: Tensor) -> Tensor:
+            def zeros(h: Tensor, where: Tensor = where) -> Tensor:
                 return torch.where(where, torch.zeros_like(h), h)
 
             clean = _next_token_logprobs(model, ids, am)

