@@ -34,7 +34,7 @@ class MeanLogProbReward:
         tr = self.trainer
         if tr is None or getattr(tr, "_mech_ids", None) is None:
             raise ConfigError("MeanLogProbReward needs a mechreward.grpo.MechGRPOTrainer: call reward.bind(trainer)")
-        prompt_ids, sampled = tr._mech_ids
+        prompt_ids, sampled = tr._mech_ids[:2]
         comp = [list(map(int, c)) for c in completion_ids]
         if comp != sampled:
             raise MismatchError("MeanLogProbReward: the completion ids TRL passes differ from the ids it sampled")

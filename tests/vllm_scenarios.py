@@ -89,7 +89,7 @@ def rollouts(work: Path, p: dict) -> dict:
     hf_record_keys = sorted(R.RolloutSet(hf_out).records[0])
     # 3. g1 on vLLM rollouts (the same engine again)
     g1cfg = G1Config(model=ModelConfig(device="cpu"), task=TaskConfig(name="arithmetic", n=70),
-                     sampling=R.SamplingConfig(backend="vllm", max_new_tokens=64), n_discovery=30, n_validation=40,
+                     sampling=R.SamplingConfig(backend="vllm", n=2, max_new_tokens=64), n_discovery=30, n_validation=40,
                      n_random_packs=100, n_boot=200, n_perm=500)
     g1 = run_g1(g1cfg, Run(work / "g1", "g1"))
     g1_rs = R.RolloutSet(g1["rollouts_dir"])
