@@ -695,12 +695,14 @@ def conditional_logit_fit(x, y, groups) -> tuple[np.ndarray, float, int]:
         X[i, :len(g)] = xa[g]
         pos[i, :len(g)] = lab[g]
         valid[i, :len(g)] = True
-    Xt, post, validt, k = torch.as_tensor(X), torch.as_tensor(pos), torch.as_tensor(valid), np.asarray(npos)
+    k = np.asarray(npos)
 
     def f(b):
-        bt = torch.tensor(b, dtype=torch.float64, requires_grad=True)
-        ll = _cond_loglik(bt, Xt, post, validt, k)
-        (g,) = torch.autograd.grad(-ll, bt)
+        # autograd on, whatever the caller's mode (vLLM's process runs with grad disabled)
+        with torch.inference_mode(False), torch.enable_grad():
+            bt = torch.tensor(b, dtype=torch.float64, requires_grad=True)
+            ll = _cond_loglik(bt, torch.as_tensor(X), torch.as_tensor(pos), torch.as_tensor(valid), k)
+            (g,) = torch.autograd.grad(-ll, bt)
         return float(-ll.detach()), g.numpy()
 
     res = minimize(f, np.zeros(p), jac=True, method="BFGS", options={"gtol": 1e-9, "maxiter": 500})

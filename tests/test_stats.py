@@ -410,3 +410,23 @@ def test_within_centre_removes_question_means():
     g = np.array(["a", "a", "b", "b", "b"])
     assert S.within_centre(x, g) == pytest.approx([-1, 1, -10, 0, 10])
     assert S.within_centre(np.column_stack([x, 2 * x]), g)[:, 1] == pytest.approx([-2, 2, -20, 0, 20])
+
+
+def test_conditional_logit_fit_is_the_same_with_autograd_disabled_by_the_caller():
+    # vLLM's process runs with grad disabled; the within-question LRT must still fit
+    import torch
+
+    from mechreward.stats import conditional_logit_fit
+
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(50), 4)
+    x = rng.normal(size=200)
+    y = x + rng.normal(size=200) > 0
+    free = conditional_logit_fit(x, y, groups)
+    with torch.no_grad():
+        no_grad = conditional_logit_fit(x, y, groups)
+    with torch.inference_mode():
+        inference = conditional_logit_fit(x, y, groups)
+    assert free[0][0] > 0.5  # the planted effect
+    np.testing.assert_allclose(no_grad[0], free[0], rtol=1e-12)
+    np.testing.assert_allclose(inference[0], free[0], rtol=1e-12)
