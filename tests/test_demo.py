@@ -121,3 +121,5 @@ def test_g2_sentence_reads_no_learning_and_the_minimum_detectable_effect_when_pr
     assert s == "G2 FAIL: outcome-only RL (R0) moved held-out accuracy from 0.615 to 0.620, R1−R0 +0.002 (CI -0.010..+0.010)."
     s = g2_sentence({**rep, "verdict": "INCONCLUSIVE", "flags": ["NO_LEARNING"], "minimum_detectable_effect": 0.041})
     assert "NO_LEARNING" in s and "could detect is 0.041" in s and s.startswith("G2 INCONCLUSIVE")
+    s = g2_sentence({**rep, "pack_check": {"verdict": "FAIL", "refusal_overridden": True}})
+    assert s.startswith("G2 FAIL (run on a pack whose G1 verdict is FAIL, as a check of the machinery): ")
