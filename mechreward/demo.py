@@ -303,10 +303,10 @@ def stage_summary(name: str, rep: dict, cfg: DemoConfig) -> str:
 
 
 def _mde(rep: dict) -> float | None:
-    """G2's minimum detectable R1−R0 difference, under whichever key the G2 report gives it (if any)."""
+    """G2's minimum detectable R1−R0 difference (`mde_r1_r0.mde` in G2's report), if reported."""
     for k, v in rep.items():
         if "minimum_detectable" in k or k in ("mde", "mde_r1_r0"):
-            v = v.get("r1_r0", v.get("value")) if isinstance(v, dict) else v
+            v = v.get("mde", v.get("r1_r0", v.get("value"))) if isinstance(v, dict) else v
             if isinstance(v, (int, float)):
                 return float(v)
     return None

@@ -121,5 +121,7 @@ def test_g2_sentence_reads_no_learning_and_the_minimum_detectable_effect_when_pr
     assert s == "G2 FAIL: outcome-only RL (R0) moved held-out accuracy from 0.615 to 0.620, R1−R0 +0.002 (CI -0.010..+0.010)."
     s = g2_sentence({**rep, "verdict": "INCONCLUSIVE", "flags": ["NO_LEARNING"], "minimum_detectable_effect": 0.041})
     assert "NO_LEARNING" in s and "could detect is 0.041" in s and s.startswith("G2 INCONCLUSIVE")
+    s = g2_sentence({**rep, "mde_r1_r0": {"mde": 0.033, "seed_sd": 0.004}})  # G2's own report key
+    assert s.endswith("the smallest R1−R0 difference these seeds could detect is 0.033.")
     s = g2_sentence({**rep, "pack_check": {"verdict": "FAIL", "refusal_overridden": True}})
     assert s.startswith("G2 FAIL (run on a pack whose G1 verdict is FAIL, as a check of the machinery): ")
