@@ -39,7 +39,8 @@ def main() -> None:
 
     from mechreward.generate import sample
     from mechreward.models import ModelConfig, load_model
-    from mechreward.rollouts import SamplingConfig, prompt_ids
+    from mechreward.prompts import prompt_ids
+    from mechreward.rollouts import SamplingConfig
     from mechreward.rollouts import _sample_vllm
     from mechreward.tasks import TaskConfig, load_task
 

@@ -37,7 +37,7 @@ from .cli import hydra_command
 from .errors import ConfigError, DataError, MismatchError, ShapeError
 from .generate import Sample, sample
 from .models import ModelConfig, ResidualCapture, find_layers, hidden_size, load_model, normalize_layer
-from .prompts import PromptFormat, describe, encode_prompt, prompt_ids, use_chat_template  # noqa: F401 (moved)
+from .prompts import PromptFormat, describe, encode_prompt, prompt_ids
 from .run import Run, progress
 from .tasks import TaskConfig, load_task
 from .vllm_backend import VLLMSettings

@@ -64,7 +64,7 @@ def test_anticorrelated_features_in_ambiguous_questions_lower_the_5th_percentile
 
 def test_rivalry_command_groups_by_sampled_entropy_and_reads_the_last_prompt_token(tmp_path):
     from mechreward.models import ResidualCapture
-    from mechreward.rollouts import prompt_ids
+    from mechreward.prompts import prompt_ids
     from mechreward.sae.formats import save_sae
     from mechreward.sae.model import SAEConfig, SparseAutoencoder
     from mechreward.sae.formats import load_sae
