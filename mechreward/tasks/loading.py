@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 MATH_NAMES = ("gsm8k", "math")
 MCQ_NAMES = ("mcq", "supergpqa")
-TASK_NAMES = ("arithmetic", "addition", *MATH_NAMES, *MCQ_NAMES)
+TASK_NAMES = ("arithmetic", "addition", "lookup", *MATH_NAMES, *MCQ_NAMES)
 LOCAL_SUFFIXES = (".jsonl", ".json")
 
 
@@ -32,14 +32,16 @@ class TaskConfig:
 
     name: str = "arithmetic"
     """`arithmetic` (built-in organism task), `addition` (generated "What is 47 + 8?" for small
-    chat models, mechreward.tasks.addition), `gsm8k`/`math` (free-form math, MathTask) or
+    chat models, mechreward.tasks.addition), `lookup` (generated facts, one asked back: "The red box
+    has number 47. ... What number does the blue box have?", mechreward.tasks.lookup), `gsm8k`/`math` (free-form math, MathTask) or
     `mcq`/`supergpqa` (letter multiple choice, MCQTask)."""
     source: str | None = None
     """A local `.jsonl`/`.json` file, or a Hugging Face dataset id (`openai/gsm8k`).
     None for `arithmetic`, which generates its questions."""
     subset: str | None = None
     """HF dataset configuration name (`main` for openai/gsm8k); ignored for local files. For
-    `addition`: the operands, `2d+1d` (default), `1d` or `2d`."""
+    `addition`: the operands, `2d+1d` (default), `1d` or `2d`. For `lookup`: facts per question,
+    `2` (default), `3` or `4`."""
     split: str = "eval"
     """Dataset split (`test`, `train`); arithmetic has `train` and `eval`. Ignored for a
     `.jsonl` file; for a `.json` file holding `{split: [rows]}` it picks the list."""
@@ -226,6 +228,12 @@ def load_task(cfg: TaskConfig) -> Task:
         from .addition import addition_task
 
         return addition_task(cfg.split, cfg.n, cfg.seed, cfg.subset, cfg.prompt_template, cfg.answer_extraction)
+    if name == "lookup":
+        if cfg.source is not None:
+            raise ConfigError(f"the lookup task generates its questions; got source={cfg.source!r}")
+        from .lookup import lookup_task
+
+        return lookup_task(cfg.split, cfg.n, cfg.seed, cfg.subset, cfg.prompt_template, cfg.answer_extraction)
 
     if not cfg.source:
         raise ConfigError(f"task {cfg.name!r} needs task.source (a .jsonl/.json file or an HF dataset id)")
