@@ -37,11 +37,73 @@ def show_progress() -> bool:
     return sys.stderr.isatty()
 
 
-def progress(iterable: Iterable | None = None, total: int | None = None, desc: str = "", unit: str = "it"):
+PROGRESS_SECONDS = 30.0
+"""Seconds between plain progress lines when stderr is not a terminal (`MECHREWARD_PROGRESS_SECONDS`)."""
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s"
+
+
+class LineProgress:
+    """Progress for a log file or CI: one plain line (done/total, rate, ETA) at most every `every`
+    seconds, and a last one at `close()`; no carriage returns. Same `update`/`close` as tqdm."""
+
+    def __init__(self, iterable: Iterable | None, total: int | None, desc: str, unit: str, every: float,
+                 stream=None):
+        self.iterable, self.total, self.desc, self.unit, self.every = iterable, total, desc, unit, every
+        self.stream = stream
+        self.n = 0
+        self.t0 = self.last = time.time()
+        self.closed = False
+
+    def __iter__(self):
+        for x in self.iterable:
+            yield x
+            self.update(1)
+        self.close()
+
+    def line(self) -> str:
+        dt = max(time.time() - self.t0, 1e-9)
+        rate = self.n / dt
+        out = f"{self.desc}: {self.n:,}"
+        if self.total:
+            out += f"/{self.total:,} {self.unit} ({100 * self.n / self.total:.0f}%)"
+        else:
+            out += f" {self.unit}"
+        out += f", {rate:,.1f} {self.unit}/s, elapsed {_duration(dt)}"
+        if self.total and rate > 0 and self.n < self.total:
+            out += f", ETA {_duration((self.total - self.n) / rate)}"
+        return out
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = time.time()
+        if now - self.last >= self.every:
+            self.last = now
+            print(self.line(), file=self.stream or sys.stderr, flush=True)
+
+    def set_postfix(self, **_) -> None:
+        pass
+
+    def close(self) -> None:
+        if not self.closed and self.n:
+            print(self.line(), file=self.stream or sys.stderr, flush=True)
+        self.closed = True
+
+
+def progress(iterable: Iterable | None = None, total: int | None = None, desc: str = "", unit: str = "it",
+             lines: bool = True):
+    """A tqdm bar on a terminal; elsewhere (a log file, CI) plain `LineProgress` lines every
+    `MECHREWARD_PROGRESS_SECONDS` (30) seconds, or nothing with `lines=False`."""
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=not show_progress(),
-                dynamic_ncols=True, unit_scale=True)
+    if show_progress() or not lines:
+        return tqdm(iterable, total=total, desc=desc, unit=unit, disable=not show_progress(),
+                    dynamic_ncols=True, unit_scale=True)
+    every = float(os.environ.get("MECHREWARD_PROGRESS_SECONDS", PROGRESS_SECONDS))
+    return LineProgress(iterable, total, desc, unit, every)
 
 
 class Run:

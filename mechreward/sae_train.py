@@ -225,7 +225,7 @@ def train_saes(source: ActivationSource, cfg: SAETrainRunConfig, run: Run, check
         torch.set_rng_state(checkpoint["torch_rng"])
     loggers = _Loggers(cfg, run)
     every = max(1, cfg.checkpoint_every // cfg.batch_size) if cfg.checkpoint_every else 0
-    bar = progress(total=steps * cfg.batch_size, desc="sae_train", unit="tok")
+    bar = progress(total=steps * cfg.batch_size, desc="sae_train", unit="tok", lines=False)  # own lines
     bar.update(step * cfg.batch_size)
     t0, step0 = time.time(), step
     batches = sae_batches(source, cfg.batch_size, position, prefetch=cfg.prefetch)

@@ -168,6 +168,29 @@ def test_progress_line_when_not_a_terminal(tmp_path):
     assert line == ("sae_train: step 50/200, tokens 204,800/819,200 (25%), 2,048 tokens/s, fvu 0.3123, ETA 5m00s")
 
 
+
+def test_harvest_rollouts_and_features_print_plain_progress_lines_when_not_a_terminal(monkeypatch, capsys):
+    import io as _io
+
+    from mechreward.run import LineProgress, progress
+
+    monkeypatch.setenv("MECHREWARD_PROGRESS_SECONDS", "0")
+    bar = progress(total=400, desc="rollouts", unit="q")  # pytest's stderr is not a terminal
+    assert isinstance(bar, LineProgress)
+    bar.update(100)
+    bar.update(100)
+    bar.close()
+    lines = capsys.readouterr().err.splitlines()
+    assert [ln.split(",")[0] for ln in lines] == ["rollouts: 100/400 q (25%)", "rollouts: 200/400 q (50%)",
+                                                  "rollouts: 200/400 q (50%)"]
+    assert "ETA" in lines[0] and "\r" not in "".join(lines)
+    out = _io.StringIO()
+    quiet = LineProgress(range(5), None, "harvest", "tok", every=3600, stream=out)
+    assert list(quiet) == list(range(5))
+    assert out.getvalue().splitlines() == [out.getvalue().splitlines()[0]]  # only the line at the end
+    assert out.getvalue().startswith("harvest: 5 tok, ")
+    assert progress(total=3, lines=False).disable  # sae_train prints its own lines
+
 def test_load_sae_takes_the_native_weights_file_and_sae_list_finds_runs(tmp_path):
     from mechreward.sae.formats import load_sae, save_sae
     from mechreward.sae.model import SAEConfig, SparseAutoencoder
