@@ -84,9 +84,6 @@ class LineProgress:
             self.last = now
             print(self.line(), file=self.stream or sys.stderr, flush=True)
 
-    def set_postfix(self, **_) -> None:
-        pass
-
     def close(self) -> None:
         if not self.closed and self.n:
             print(self.line(), file=self.stream or sys.stderr, flush=True)

@@ -31,9 +31,13 @@ DEFAULT_N = 400
 SPLITS = ("train", "eval")
 
 
+def hash_split(key: str) -> str:
+    """`eval` or `train` by a hash of `key` (half of all keys each): the split of a generated question."""
+    return "eval" if int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % 2 else "train"
+
+
 def split_of(a: int, b: int) -> str:
-    h = int(hashlib.sha256(f"{a}+{b}".encode()).hexdigest()[:8], 16)
-    return "eval" if h % 2 else "train"
+    return hash_split(f"{a}+{b}")
 
 
 def addition_task(split: str = "eval", n: int | None = None, seed: int = 0, subset: str | None = None,

@@ -21,6 +21,7 @@ import hashlib
 import random
 
 from ..errors import ConfigError
+from .addition import DEFAULT_EXTRACTION, DEFAULT_N, SPLITS, hash_split
 from .base import Question
 from .math import MathTask
 
@@ -30,13 +31,6 @@ DEFAULT_PROMPT = "{question}"
 """`{question}` is replaced by the facts and the question."""
 SUBSETS = ("2", "3", "4")
 DEFAULT_SUBSET = "2"
-DEFAULT_EXTRACTION = ["marked", "last_number"]
-DEFAULT_N = 400
-SPLITS = ("train", "eval")
-
-
-def split_of(text: str) -> str:
-    return "eval" if int(hashlib.sha256(text.encode()).hexdigest()[:8], 16) % 2 else "train"
 
 
 def _draw(rng: random.Random, k: int) -> tuple[str, str, dict]:
@@ -67,7 +61,7 @@ def lookup_task(split: str = "eval", n: int | None = None, seed: int = 0, subset
     qs: list[Question] = []
     while len(qs) < n:
         text, answer, meta = _draw(rng, int(subset))
-        if split_of(text) != split or text in seen:
+        if hash_split(text) != split or text in seen:
             continue
         seen.add(text)
         qid = hashlib.sha256(text.encode()).hexdigest()[:12]
