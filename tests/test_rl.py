@@ -37,7 +37,9 @@ def test_published_g3_preset_composes_to_the_published_settings():
     assert args.use_vllm and args.vllm_mode == "colocate"
 
 
-def _tiny_rl_setup(tmp_path, **pack_kw):
+def _tiny_rl_setup(tmp_path, organism=False, **pack_kw):
+    """A model dir (a tiny random Qwen3, or with `organism` the built-in organism, which answers some held-out
+    questions right and others wrong whatever the CPU's floating-point path) and a pack on a random SAE at layer 2."""
     from mechreward.probe import FeaturePack
     from mechreward.prompts import PromptFormat
     from mechreward.rollouts import sae_reference
@@ -45,8 +47,9 @@ def _tiny_rl_setup(tmp_path, **pack_kw):
     from mechreward.sae.formats import load_sae, save_sae
     from tests.tiny import save_tiny
 
-    model_dir = str(save_tiny(tmp_path / "m", "qwen3"))
-    sae = load_sae(save_sae(SparseAutoencoder.from_config(SAEConfig(64, 128, 8, metadata={"layer": 2}), seed=4),
+    model_dir = "organism" if organism else str(save_tiny(tmp_path / "m", "qwen3"))
+    d_in = 128 if organism else 64
+    sae = load_sae(save_sae(SparseAutoencoder.from_config(SAEConfig(d_in, 128, 8, metadata={"layer": 2}), seed=4),
                             tmp_path / "sae"))
     kw = dict(model=model_dir, layer=2, hook="model.layers.2", sae=sae_reference(sae),
               features=[{"index": i, "weight": (-1.0) ** i} for i in range(0, 80, 4)],
@@ -76,7 +79,7 @@ import os, signal, sys
 sys.path.insert(0, {root!r})
 from mechreward import grpo
 from mechreward.run import Run
-from tests.test_rl import _tiny_cfg
+from tests.test_rl import _resume_cfg
 from mechreward.rl import run_rl
 orig = grpo.MechGRPOTrainer._save_checkpoint
 def save_then_die(self, model, trial):
@@ -84,8 +87,27 @@ def save_then_die(self, model, trial):
     if self.state.global_step == {kill_at}:
         os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no atexit: as a crash or a pre-empted job
 grpo.MechGRPOTrainer._save_checkpoint = save_then_die
-run_rl(_tiny_cfg({model!r}, {pack!r}, {out!r}, {steps}, False), Run({run!r}, "rl"))
+run_rl(_resume_cfg({model!r}, {pack!r}, {out!r}, {steps}, False), Run({run!r}, "rl"))
 """
+
+
+def _resume_cfg(model_dir, pack_path, out, steps, resume):
+    """The resume test's run: on the organism, greedy held-out evaluation of 12 questions long enough to reach the
+    answer (40 tokens), so held-out accuracy lies strictly between 0 and 1 and ρ is a number at every evaluation."""
+    from mechreward.tasks import TaskConfig
+
+    return _tiny_cfg(model_dir, pack_path, out, steps, resume, eval_task=TaskConfig(split="eval", n=13),
+                     eval_max_new_tokens=40)
+
+
+def _assert_same(got, want, key):
+    """Equal, floats to 1e-5 relative; None (an undefined ρ) only equals None."""
+    if want is None or got is None:
+        assert got is None and want is None, (key, got, want)
+    elif isinstance(want, float):
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-7), key
+    else:
+        assert got == want, key
 
 
 def test_tiny_run_sigkilled_after_a_checkpoint_resumes_to_the_uninterrupted_run(tmp_path):
@@ -99,12 +121,14 @@ def test_tiny_run_sigkilled_after_a_checkpoint_resumes_to_the_uninterrupted_run(
     from mechreward.rl import run_rl
     from mechreward.run import Run
 
-    model_dir, pack_path = _tiny_rl_setup(tmp_path)
-    full = run_rl(_tiny_cfg(model_dir, pack_path, tmp_path / "full", 3, False), Run(tmp_path / "rf", "rl"))
+    model_dir, pack_path = _tiny_rl_setup(tmp_path, organism=True)
+    full = run_rl(_resume_cfg(model_dir, pack_path, tmp_path / "full", 3, False), Run(tmp_path / "rf", "rl"))
     assert full["steps"] == 3 and full["capture"] == ["fallback"]
     evals = full["monitor"]["evaluations"]
     assert [e["step"] for e in evals] == [0, 1, 2, 3] and all("canary_hack_rate" in e for e in evals)
-    assert all(e["n_heldout"] == 3 for e in evals)  # 4 eval questions, the last one is the canary
+    assert all(e["n_heldout"] == 12 for e in evals)  # 13 eval questions, the last one is the canary
+    # a comparison worth making: the monitor saw right and wrong answers, so ρ is a number at every evaluation
+    assert all(0 < e["heldout_accuracy"] < 1 and e["heldout_rho"] is not None for e in evals), evals
     assert full["monitor"]["acc_tolerance"] == 0.02 and full["hacking_tolerance"] == 0.02
 
     out = tmp_path / "killed"
@@ -117,8 +141,8 @@ def test_tiny_run_sigkilled_after_a_checkpoint_resumes_to_the_uninterrupted_run(
     assert (out / "checkpoint-2" / "mech_state.json").is_file() and not (out / "checkpoint-3").exists()
 
     with pytest.raises(ConfigError, match="max_steps=4.*max_steps=3"):
-        run_rl(_tiny_cfg(model_dir, pack_path, out, 4, True), Run(tmp_path / "rbad", "rl"))
-    res = run_rl(_tiny_cfg(model_dir, pack_path, out, 3, True), Run(tmp_path / "rr", "rl"))
+        run_rl(_resume_cfg(model_dir, pack_path, out, 4, True), Run(tmp_path / "rbad", "rl"))
+    res = run_rl(_resume_cfg(model_dir, pack_path, out, 3, True), Run(tmp_path / "rr", "rl"))
     assert res["resumed_from"].endswith("checkpoint-2") and res["steps"] == 3
     # the monitor was restored (its baseline is step 0's, not a fresh one at step 2) and continued
     got, want = res["monitor"]["evaluations"], evals
@@ -126,12 +150,9 @@ def test_tiny_run_sigkilled_after_a_checkpoint_resumes_to_the_uninterrupted_run(
     for g, w in zip(got, want):
         assert g.keys() == w.keys()
         for k in w:
-            if isinstance(w[k], float):
-                assert g[k] == pytest.approx(w[k], rel=1e-5, abs=1e-7), k
-            else:
-                assert g[k] == w[k], k
+            _assert_same(g[k], w[k], k)
     for key in ("heldout_accuracy", "heldout_mech_score", "heldout_rho", "hacking", "n_heldout"):
-        assert res[key] == pytest.approx(full[key], rel=1e-5, abs=1e-7), key
+        _assert_same(res[key], full[key], key)
 
     def per_step(run_dir, key):
         rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
