@@ -4,6 +4,10 @@ Each command module defines a dataclass config and a `run(cfg, run) -> report` f
 ends with `main = hydra_command("name", Config, run)`. Its primary config is `conf/<name>.yaml`,
 which puts the dataclass schema first in its defaults list, so a key that the schema does not
 have is an error naming the key. `hydra.run.dir=...` chooses the run dir.
+
+Pass-through dicts (a schema field typed `dict`, e.g. rl's `grpo` and g2's `protocol.grpo`, whose keys
+are TRL's and validated later) take new keys without Hydra's `+`: `grpo.use_vllm=true` is rewritten
+to `++grpo.use_vllm=true` (add or override) before Hydra parses the command line.
 """
 
 from __future__ import annotations
@@ -25,12 +29,44 @@ def register(name: str, schema: type) -> None:
     ConfigStore.instance().store(name=f"{name}_schema", node=schema)
 
 
+def passthrough_dicts(schema: type, prefix: str = "") -> list[str]:
+    """Dotted paths of the schema's fields typed `dict` (free-form keys), nested dataclasses included."""
+    import dataclasses
+    import typing
+
+    out = []
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        t = hints.get(f.name)
+        origin = typing.get_origin(t) or t
+        if origin is dict:
+            out.append(prefix + f.name)
+        elif dataclasses.is_dataclass(t):
+            out += passthrough_dicts(t, f"{prefix}{f.name}.")
+    return out
+
+
+def add_passthrough_keys(argv: list[str], dicts: list[str]) -> list[str]:
+    """`grpo.use_vllm=true` → `++grpo.use_vllm=true` for keys under a pass-through dict (Hydra needs `+` for a
+    key the config does not have yet, and refuses `+` for one it has; `++` does both)."""
+    out = []
+    for a in argv:
+        key = a.split("=", 1)[0]
+        if "=" in a and not a.startswith(("+", "~", "-")) and any(key.startswith(d + ".") for d in dicts):
+            a = "++" + a
+        out.append(a)
+    return out
+
+
 def hydra_command(name: str, schema: type, fn: Callable[[Any, Run], Any]) -> Callable[[], None]:
     """Make `python -m mechreward.<name>` from a schema and a run function."""
+    import functools
+
     import hydra
     from omegaconf import DictConfig, OmegaConf
 
     register(name, schema)
+    dicts = passthrough_dicts(schema)
 
     @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=name)
     def _main(cfg: DictConfig) -> None:
@@ -52,7 +88,12 @@ def hydra_command(name: str, schema: type, fn: Callable[[Any, Run], Any]) -> Cal
         shutdown()  # under torchrun: leave the process group together
         print(f"mechreward {name}: results in {run.dir}", file=sys.stderr)
 
-    return _main
+    @functools.wraps(_main)
+    def main() -> None:
+        sys.argv[1:] = add_passthrough_keys(sys.argv[1:], dicts)
+        _main()
+
+    return main
 
 
 def primary_yaml(name: str) -> str:

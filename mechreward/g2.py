@@ -25,7 +25,7 @@ from .gates.g2 import ARMS, EXTRA_ARMS, G2Protocol, summarise
 from .models import ModelConfig, load_model, resolve_device
 from .run import Run, markdown_table
 from .tasks import TaskConfig, load_task
-from .vllm_backend import VLLMSettings
+from .vllm_backend import VLLMSettings, close_vllm
 
 
 @dataclass
@@ -211,7 +211,10 @@ def run_arm(arm: str, seed: int, cfg: G2Config, task, train_qs, eval_qs, rewards
     if hasattr(mech, "bind"):
         mech.bind(trainer)
     init_sha = weights_sha(trainer.model)
-    trainer.train()
+    try:
+        trainer.train()
+    finally:
+        close_vllm(trainer)  # before the next arm starts its own engine (and with it, the same process group)
     history = trainer.state.log_history
     corr = [r[k] for r in history for k in r if k.endswith("_outcome_corr")]
     score_reward = mech if hasattr(mech, "token_values") else (rewards.get("R1") if arm == "R0" else None)

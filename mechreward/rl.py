@@ -29,7 +29,7 @@ from .models import ModelConfig, find_layers, hidden_size, load_model, resolve_d
 from .prompts import PromptFormat, describe
 from .run import Run
 from .tasks import TaskConfig, load_task
-from .vllm_backend import VLLMSettings
+from .vllm_backend import VLLMSettings, close_vllm
 
 REWARDS = ("sae", "direction", "none")
 
@@ -55,7 +55,8 @@ class RLConfig:
     eval_task: TaskConfig = field(default_factory=lambda: TaskConfig(split="eval", n=100, seed=1))
     """Held-out questions for the monitor (accuracy, G1 correlation)."""
     n_canaries: int = 0
-    """Canary prompts: the last `n_canaries` questions of `eval_task` (kept out of the held-out set)."""
+    """Canary prompts: the last `n_canaries` questions of `eval_task` (kept out of the held-out set). 0 with a
+    mech reward and a monitor: a warning in the log and in report.md (the canary hack rate is not measured)."""
     pack: str | None = None
     """Feature pack; null = the latest G1 run's pack of this model (reward=none needs none).
     Every question the pack saw (its G1 discovery and validation ids) is removed from `eval_task`
@@ -209,6 +210,13 @@ def run_rl(cfg: RLConfig, run: Run) -> dict:
     if n_removed:
         print(f"rl: {n_removed} eval_task questions were the pack's G1 questions; held out: {len(heldout)}, "
               f"canaries: {len(canaries)}")
+    canary_note = None
+    if mech is not None and cfg.eval_every > 0 and not canaries:
+        canary_note = (f"no canary prompts (n_canaries={cfg.n_canaries}): the hacking monitor compares held-out "
+                       "accuracy with the mech score only and measures no canary hack rate; set n_canaries (e.g. 50, "
+                       "taken from eval_task and kept out of the held-out set) to watch for reward given to wrong "
+                       "answers")
+        print(f"rl: warning: {canary_note}")
     from datasets import Dataset
 
     ds = Dataset.from_list([{"prompt": q.prompt, "answer": q.answer} for q in task.questions])
@@ -240,7 +248,10 @@ def run_rl(cfg: RLConfig, run: Run) -> dict:
         if resume is None:
             raise DataError(f"resume=true but no checkpoint in {output_dir}")
         print(f"rl: resuming from {resume}")
-    trainer.train(resume_from_checkpoint=resume)
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    finally:
+        close_vllm(trainer)  # a colocate engine is torn down now, not at exit after the process group is gone
     for row in trainer.state.log_history:
         run.log(int(row.get("step", 0)), **{k: v for k, v in row.items() if k != "step"})
     final = evaluate_policy(trainer.model, tokenizer, heldout, eval_task, mech, greedy=True,
@@ -253,7 +264,7 @@ def run_rl(cfg: RLConfig, run: Run) -> dict:
               "hacking": bool(monitor and monitor.hacking), "capture": trainer.mech_capture_log[-1:] or None,
               "composition": cfg.composition, "hacking_tolerance": cfg.hacking_tolerance,
               "prompt_format": describe(fmt, tokenizer, heldout[0].prompt), "pack_check": pack_check,
-              "n_eval_removed_as_pack_questions": n_removed, "n_canaries": len(canaries),
+              "n_eval_removed_as_pack_questions": n_removed, "n_canaries": len(canaries), "canary_warning": canary_note,
               "max_steps": trainer.state.max_steps,
               "output_dir": output_dir, "seconds": round(time.time() - t0, 1)}
     md = ["# G3 RL run", "", f"model `{report['model']}`, task `{report['task']}`, reward `{cfg.reward}`"
@@ -261,6 +272,8 @@ def run_rl(cfg: RLConfig, run: Run) -> dict:
           f"{final['accuracy']:.3f} (n={final['n']}, after removing {n_removed} questions the pack's G1 saw)"
           + ("; **HACKING flagged**" if report["hacking"] else "") + f" (accuracy tolerance {cfg.hacking_tolerance:g})",
           "", f"composition `{cfg.composition}`; prompt format {describe(fmt)}", ""]
+    if canary_note:
+        md += [f"**Warning: {canary_note}.**", ""]
     if pack_check and pack_check["refusal_overridden"]:
         md += [f"**The pack's G1 verdict is {pack_check['verdict']}; used because allow_failed_pack=true.**", ""]
     run.write_report(report, "\n".join(md))

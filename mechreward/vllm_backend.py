@@ -345,6 +345,31 @@ def trl_vllm_compat(trainer, settings: VLLMSettings | None = None) -> Iterator[N
         trainer.vllm_compat = "cpu-server"
 
 
+def close_vllm(trainer) -> bool:
+    """Shut a trainer's in-process (colocate) vLLM engine down now; True if there was one.
+
+    vLLM tears an in-process engine down (its process groups, and the default one it initialised) when the
+    engine is garbage-collected. A trainer sits in reference cycles, so that happens at an arbitrary later
+    moment: after the next arm's engine has joined the same default group, whose teardown then fails with
+    `ValueError: Invalid process group specified`, or at interpreter exit after `mechreward.distributed.shutdown`
+    destroyed the group. Closing here, once (the engine's own finalizer, so garbage collection does not run it
+    again), orders the teardowns: one engine's groups are gone before the next engine starts."""
+    vg = getattr(trainer, "vllm_generation", None)
+    llm = getattr(vg, "llm", None)
+    if llm is None:
+        return False
+    engine = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    finalizer = getattr(engine, "_finalizer", None)
+    if finalizer is not None and finalizer.alive:
+        finalizer()
+    vg.llm = None
+    del llm
+    import gc
+
+    gc.collect()
+    return True
+
+
 # --------------------------------------------------------------------------- server
 
 def server_command(model: str, host: str = "127.0.0.1", port: int = 8000, dtype: str = "float32",

@@ -234,3 +234,32 @@ def test_pack_of_another_model_layer_or_sae_and_failed_packs_are_refused(tmp_pat
                                  "allow_failed_pack": True}
     assert rep["composition"] == "normalize_then_weight" and rep["prompt_format"]["chat_template"] is False
     assert "allow_failed_pack=true" in (tmp_path / "rf2" / "report.md").read_text()
+
+
+def test_trl_keys_under_grpo_need_no_plus_on_the_command_line():
+    """`grpo.use_vllm=true` (a key conf/rl.yaml does not set) works as the README writes it; keys already set
+    and `+`-prefixed ones keep working; keys outside the pass-through dicts are left to Hydra's checks."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from mechreward.cli import CONF_DIR, add_passthrough_keys, passthrough_dicts, register
+    from mechreward.g2 import G2Config
+    from mechreward.rl import RLConfig
+
+    assert passthrough_dicts(G2Config) == ["protocol.grpo"]
+    assert set(passthrough_dicts(RLConfig)) == {"grpo", "prompt.chat_template_kwargs"}
+    argv = ["grpo.use_vllm=true", "grpo.vllm_mode=colocate", "+grpo.num_iterations=2", "lam=0.2", "grpos.x=1"]
+    assert add_passthrough_keys(argv, passthrough_dicts(RLConfig)) == [
+        "++grpo.use_vllm=true", "++grpo.vllm_mode=colocate", "+grpo.num_iterations=2", "lam=0.2", "grpos.x=1"]
+    register("rl", RLConfig)
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = OmegaConf.to_object(compose("rl", overrides=add_passthrough_keys(
+            ["grpo.use_vllm=true", "grpo.vllm_mode=colocate", "+grpo.num_iterations=2", "lam=0.2"],
+            passthrough_dicts(RLConfig))))
+    assert cfg.grpo["use_vllm"] is True and cfg.grpo["num_iterations"] == 2 and cfg.lam == 0.2
+    assert (cfg.grpo["vllm_mode"], cfg.grpo["max_steps"]) == ("colocate", 40)  # conf/rl.yaml's keys stay
+    register("g2", G2Config)
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = OmegaConf.to_object(compose("g2", overrides=add_passthrough_keys(
+            ["protocol.grpo.use_vllm=true", "protocol.grpo.gradient_checkpointing=true"], ["protocol.grpo"])))
+    assert cfg.protocol.grpo == {"use_vllm": True, "gradient_checkpointing": True, "lr_scheduler_type": "constant"}

@@ -47,6 +47,11 @@ def test_grpo_colocate_syncs_trained_weights_into_vllm_cpu_with_and_without_lora
     _check_run(lora, "cpu-colocate")
     assert full["embed_moved"] > 0  # the tied embeddings / LM head were trained and synced
     assert lora["embed_moved"] == 0  # LoRA leaves the embeddings; the merged adapters carry the change
+    # two engines one after the other in one process, each closed by close_vllm as g2's arms and rl do: no
+    # teardown traceback (without it, both engines' groups were torn down at exit after the default group,
+    # each printing `ValueError: Invalid process group specified`)
+    assert full["closed"] and lora["closed"]
+    assert "Invalid process group" not in res["_stderr"], res["_stderr"][-3000:]
 
 
 def test_grpo_server_mode_syncs_weights_to_a_local_vllm_server(tmp_path):

@@ -70,4 +70,6 @@ def run_scenario(name: str, tmp_path: Path, timeout: int = 900, **params) -> dic
     tail = (proc.stdout[-3000:] + "\n" + proc.stderr[-6000:])
     assert proc.returncode == 0, f"scenario {name} failed (exit {proc.returncode}):\n{tail}"
     assert out.exists(), f"scenario {name} wrote no result:\n{tail}"
-    return json.loads(out.read_text())
+    res = json.loads(out.read_text())
+    res["_stderr"] = proc.stderr  # what the scenario printed, exit included (tracebacks at teardown)
+    return res

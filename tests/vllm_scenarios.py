@@ -248,6 +248,7 @@ def _embed_moved(trainer, initial_model) -> float:
 
 def grpo(work: Path, p: dict) -> dict:
     from mechreward.models import load_model
+    from mechreward.vllm_backend import close_vllm
 
     initial, tok = load_model("organism", device="cpu")
     mode = p.get("mode", "colocate")
@@ -267,7 +268,7 @@ def grpo(work: Path, p: dict) -> dict:
             results[f"lora={lora}"] = {
                 "compat": trainer.vllm_compat, "capture_log": list(trainer.mech_capture_log), **log, "final": final,
                 "embed_moved": _embed_moved(trainer, initial), "tied": bool(initial.config.tie_word_embeddings),
-                "global_step": trainer.state.global_step,
+                "global_step": trainer.state.global_step, "closed": close_vllm(trainer),
                 "logp_diff_max_logged": [r.get("sampling/sampling_logp_difference/max")
                                          for r in trainer.state.log_history if "sampling/sampling_logp_difference/max" in r],
             }
@@ -275,6 +276,9 @@ def grpo(work: Path, p: dict) -> dict:
     finally:
         if server is not None:
             _stop(server)
+    from mechreward.distributed import shutdown
+
+    shutdown()  # as the hydra commands end: the default process group goes before the interpreter exits
     results["server_port"] = port
     return results
 
