@@ -461,7 +461,8 @@ def generate_rollouts(cfg: RolloutsConfig, run: Run, model=None, tokenizer=None,
                             "prompt_ids": s.prompt_ids, "completion_ids": s.completion_ids, "text": s.text,
                             "correct": bool(task.verify(s.text, q.answer)), "extracted": task.safe_extract(s.text),
                             "logprobs": s.logprobs,
-                            "length": len(s.completion_ids), "finish_reason": s.finish_reason})
+                            "length": len(s.completion_ids), "finish_reason": s.finish_reason,
+                            **(task.record(s.text, q) if hasattr(task, "record") else {})})
         write_shard(out_dir / f"shard-{shard_no:05d}.safetensors", tensors, records)
         acc = float(np.mean([r["correct"] for r in records]))
         run.log(shard_no, shard=shard_no, questions=len(qs), rollouts=len(records), accuracy=acc,

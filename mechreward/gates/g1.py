@@ -67,6 +67,32 @@ class G1Protocol:
     """Seeds the split, the bootstrap, the permutations and the random packs."""
 
 
+PASS_THRESHOLD = 0.30
+"""The published PASS threshold on ρ (THRESHOLDS)."""
+
+
+def pass_power(rho: float, n: int, threshold: float = PASS_THRESHOLD) -> float:
+    """Probability that the validation ρ reaches `threshold` (G1 PASS or better) when the population
+    Spearman ρ is `rho` and `n` responses are independent: Fisher z with the Bonett-Wright variance
+    (1 + ρ²/2) / (n − 3) of Spearman's ρ. Several rollouts per question make the real spread wider.
+    """
+    if n < 4:
+        raise ConfigError(f"pass_power needs n >= 4 responses, got {n}")
+    if not -1.0 < rho < 1.0:
+        raise ConfigError(f"pass_power needs -1 < rho < 1, got {rho}")
+    se = np.sqrt((1.0 + rho * rho / 2.0) / (n - 3))
+    return float(sps.norm.sf((np.arctanh(threshold) - np.arctanh(rho)) / se))
+
+
+def rho_for_power(n: int, power: float = 0.8, threshold: float = PASS_THRESHOLD) -> float:
+    """The population ρ that `pass_power` gives `power` at `n` responses (bisection)."""
+    lo, hi = -0.999, 0.999
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if pass_power(mid, n, threshold) < power else (lo, mid)
+    return (lo + hi) / 2
+
+
 def verdict(rho: float) -> str:
     for threshold, name in THRESHOLDS:
         if rho >= threshold:
@@ -293,7 +319,13 @@ def g1_statistics(score, labels, groups, length, logprob, direction_score, rando
            "pearson_p": summary.pearson_p, "n_validation_responses": summary.n,
            "n_correct_validation": summary.n_pos, "verdict": verdict(rho), "flags": flags, "controls": controls,
            "n_mixed_questions": wpack["n_mixed_questions"], "within": {"pack": wpack, "controls": wctrl},
-           "incremental": incremental_validity(score, lab, groups, length, logprob), "beaten_by": beaten}
+           "incremental": incremental_validity(score, lab, groups, length, logprob), "beaten_by": beaten,
+           "power": {"threshold": PASS_THRESHOLD, "n": summary.n,
+                     "rho_for_80pct_pass": rho_for_power(summary.n, 0.8) if summary.n >= 4 else None,
+                     "pass_probability_at_observed_rho": (pass_power(rho, summary.n) if summary.n >= 4 and abs(rho) < 1
+                                                          else None),
+                     "assumes": "independent responses (Fisher z, Bonett-Wright variance); several rollouts per "
+                                "question widen the real spread"}}
     out["conclusion"] = conclusion(out)
     return out
 
