@@ -105,7 +105,8 @@ def test_demo_command_exits_non_zero_with_the_stage_error_and_no_traceback(demo_
     env = {**os.environ, "CI": "true", "HF_HUB_OFFLINE": "1"}
     overrides = ["sae.d_sae=256", "sae.k=8", "sae_tokens=8192", "sae_batch_size=1024", "layermap_questions=40",
                  "rollout_questions=60", "n_discovery=58", "stages=[sae_train,layermap,rollouts,probe]",
-                 f"cache_dir={root / 'cache'}", f"hydra.run.dir={tmp_path / 'cli'}", f"model.name_or_path={MODEL}"]
+                 f"cache_dir={root / 'cache'}", f"hydra.run.dir={tmp_path / 'cli'}", f"model.name_or_path={MODEL}",
+                 "controls=[]"]
     p = subprocess.run([sys.executable, "-m", "mechreward.demo", *overrides], capture_output=True, text=True, env=env,
                        timeout=300)
     assert p.returncode == 2, p.stderr[-2000:]

@@ -330,6 +330,50 @@ def g1_statistics(score, labels, groups, length, logprob, direction_score, rando
     return out
 
 
+# --------------------------------------------------------------------------- ground truth
+
+TRUE_MODES = ("carry", "drop")
+"""Ground-truth solving modes a task may record per rollout (`mode`; mechreward.tasks.planted):
+the first is the right rule."""
+
+
+def ground_truth_modes(records: Sequence[dict], codes_val: np.ndarray, val_index: np.ndarray, pack: FeaturePack,
+                       score_val: np.ndarray, alive: np.ndarray) -> dict | None:
+    """How well the pack recovers a task's recorded ground-truth mode on the validation responses.
+
+    None when the rollouts record no `mode`. Else, on validation responses whose mode is determined
+    (`carry` or `drop`): per pack feature the AUROC of its pooled code for the right mode, the pack
+    feature that separates the modes best (largest |AUROC − 0.5|, its `separation` = max(AUROC,
+    1 − AUROC)), the best latent among all alive SAE latents for comparison, and the pack score's AUROC.
+    """
+    modes = [records[i].get("mode") for i in val_index]
+    if all(m is None for m in modes):
+        return None
+    counts = {m: modes.count(m) for m in sorted(set(map(str, modes)))}
+    keep = np.array([m in TRUE_MODES for m in modes])
+    out: dict = {"counts": counts, "n_determined": int(keep.sum())}
+    y = np.array([m == TRUE_MODES[0] for m in modes])[keep].astype(int)
+    if keep.sum() < 2 or y.min() == y.max():
+        out["undefined"] = f"fewer than one validation response of each determined mode ({counts})"
+        return out
+    X = codes_val[keep]
+    feats = []
+    for f in pack.features:
+        a = float(stats.auroc(X[:, f["index"]], y))
+        feats.append({"index": int(f["index"]), "role": f.get("role"), "auroc_right_mode": a,
+                      "separation": max(a, 1 - a)})
+    best = max(feats, key=lambda d: d["separation"])
+    all_auc = np.asarray(stats.auroc(X[:, alive], y), dtype=np.float64).reshape(-1) if alive.size else np.zeros(0)
+    out.update({"pack_features": feats, "best_pack_latent": best,
+                "pack_score_auroc_right_mode": float(stats.auroc(score_val[keep], y))})
+    if all_auc.size:
+        j = int(np.argmax(np.abs(all_auc - 0.5)))
+        out["best_alive_latent"] = {"index": int(alive[j]), "auroc_right_mode": float(all_auc[j]),
+                                    "separation": float(max(all_auc[j], 1 - all_auc[j])),
+                                    "n_alive": int(alive.size)}
+    return out
+
+
 # --------------------------------------------------------------------------- the gate
 
 @dataclass
@@ -390,6 +434,9 @@ def run_gate(rs, protocol: G1Protocol, sae_ref: dict, model: str, layer: int) ->
               "n_features": len(pack.features), "n_features_alive": int(fs.index.size),
               "pooling": protocol.pooling, "layer": layer, "model": model, "sae_sha256": sae_ref.get("sha256"),
               "prompt_format": pack.provenance.get("prompt_format")}
+    truth = ground_truth_modes(rs.records, codes[val], val, pack, score, fs.index)
+    if truth is not None:
+        report["ground_truth_mode"] = truth
     pack.validation = {k: report[k] for k in ("spearman_rho", "p_value", "ci95", "permutation_p", "auroc",
                                               "pearson_r", "n_validation", "n_correct_validation", "verdict",
                                               "flags", "controls", "n_mixed_questions", "within", "incremental",
