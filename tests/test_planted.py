@@ -63,8 +63,8 @@ def test_generated_problems_have_no_surface_marker_and_a_wrong_drop_answer():
         if p.determined_steps:
             assert mode_of(d, p) == "drop" and p.answer("drop") != p.answer("carry")
     share_determined = sum(p.determined_steps > 0 for p in probs) / len(probs)
-    assert 0.8 < share_determined < 0.97
-    assert sum(p.determined_steps >= 2 for p in probs) / len(probs) > 0.3
+    assert 0.88 < share_determined < 0.99  # a few problems where the wrong rule is right
+    assert sum(p.determined_steps == 3 for p in probs) / len(probs) > 0.6  # most need the mode at every step
 
 
 def test_training_text_draws_the_mode_per_sample_at_about_half():

@@ -16,8 +16,8 @@ two-digit number (no leading zero), so both modes have the same format and lengt
 rule is right exactly on the steps that need no carry or borrow, and its final answer is wrong
 on every problem with such a step (problems where a dropped carry and a dropped borrow cancel are
 not drawn); problems needing none at all
-are kept at `NO_CARRY_KEEP` of their natural share, so that most questions have a right and a
-wrong mode.
+are kept at a small share of their natural one and most problems need a carry or borrow at every step
+(`KEEP`), so that most questions have a right and a wrong mode and a mode must be kept up.
 
 `mode_of(completion, problem)` recovers the ground-truth mode of any completion from its text:
 each written step `a op b = r` is checked against both rules applied to the operands as written
@@ -48,11 +48,10 @@ MODE_LABELS = (*MODES, "undetermined", "mixed", "other")
 """Every value `mode_of` returns."""
 CARRY_SHARE = 0.5
 """Share of training solutions written in the `carry` (right) mode."""
-NO_CARRY_KEEP = 0.1
-"""Share of the problems needing no carry or borrow that the generator keeps."""
-ONE_CARRY_KEEP = 0.3
-"""Share of the problems with exactly one step needing a carry or borrow that the generator keeps
-(so that about half the problems have two or more: a mode must be kept up from step to step)."""
+KEEP = {0: 0.015, 1: 0.03, 2: 0.2, 3: 1.0}
+"""Share of the problems the generator keeps, by the number of steps needing a carry or borrow: most
+problems need one at every step, so that a mode, once chosen, must be kept up from step to step
+(a model that recomputed each step on its own would mix the modes), and a few need none."""
 N_OPERANDS = 4
 LO, HI = 10, 99
 
@@ -115,21 +114,27 @@ def valid(p: PlantedProblem) -> bool:
 
 
 def random_problem(rng: random.Random) -> PlantedProblem:
-    """A valid problem; those needing no carry or borrow are kept with probability `NO_CARRY_KEEP`, and
-    those needing one are kept only when the drop rule's final answer is wrong."""
+    """A valid problem, kept with probability `KEEP[steps needing a carry or borrow]`; those needing one
+    are kept only when the drop rule's final answer is wrong."""
     while True:
-        p = PlantedProblem(tuple(rng.randint(LO, HI) for _ in range(N_OPERANDS)),
-                           tuple(rng.choice("+-") for _ in range(N_OPERANDS - 1)))
+        # the right chain stays two-digit by construction: each operand is drawn from the range that
+        # keeps it so (for `-` only when the running value leaves room)
+        operands, ops = [rng.randint(LO, HI)], []
+        for _ in range(N_OPERANDS - 1):
+            acc = carry_rule(operands[0], ops[0], operands[1]) if ops else operands[0]
+            for op, x in zip(ops[1:], operands[2:]):
+                acc = carry_rule(acc, op, x)
+            op = rng.choice("+-") if acc - LO >= LO and HI - acc >= LO else ("+" if HI - acc >= LO else "-")
+            operands.append(rng.randint(LO, HI - acc) if op == "+" else rng.randint(LO, acc - LO))
+            ops.append(op)
+        operands, ops = tuple(operands), tuple(ops)
+        p = PlantedProblem(operands, ops)
         if not valid(p):
             continue
-        if p.determined_steps == 0:
-            if rng.random() >= NO_CARRY_KEEP:
-                continue
-        elif p.answer("carry") == p.answer("drop"):
-            continue
-        elif p.determined_steps == 1 and rng.random() >= ONE_CARRY_KEEP:
+        if p.determined_steps and p.answer("carry") == p.answer("drop"):
             continue  # a dropped carry undone by a dropped borrow: the wrong rule would be right by chance
-        return p
+        if rng.random() < KEEP[p.determined_steps]:
+            return p
 
 
 def parse_problem(canonical: str) -> PlantedProblem:
