@@ -167,6 +167,11 @@ def _truth_lines(t: dict | None) -> list[str]:
                     f"**Pack latent that best separates the modes: {b['index']} ({b['role']}), AUROC for the right mode "
                     f"{b['auroc_right_mode']:.3f} (separation {b['separation']:.3f})** over {t['n_determined']} "
                     f"responses whose mode is determined; pack score AUROC {t['pack_score_auroc_right_mode']:.3f}."]
+    bw = t.get("best_pack_latent_within")
+    if bw is not None:
+        lines.append(f"Within questions (pairs of a right-mode and a wrong-mode completion of the same question): pack "
+                     f"latent {bw['index']} ({bw['role']}), AUROC {bw['within_auroc_right_mode']:.3f}; pack score "
+                     f"{t['pack_score_within_auroc_right_mode']:.3f}.")
     a = t.get("best_alive_latent")
     if a is not None:
         lines.append(f"Best of all {a['n_alive']} alive latents: {a['index']}, AUROC {a['auroc_right_mode']:.3f}.")

@@ -221,8 +221,9 @@ def _within_or_none(x, labels, groups, n_boot: int, n_perm: int, seed: int) -> d
 def incremental_validity(score, labels, groups, length, logprob) -> dict:
     """The pack score beyond length and mean log-prob: LRTs across and within questions, partial ρ.
 
-    Mean log-prob enters when it is finite everywhere; an undefined test (too few mixed
-    questions, a constant covariate) is None.
+    Mean log-prob enters when it is finite everywhere; a constant covariate (every completion the same
+    length, as on the planted organism) carries nothing and is left out (`dropped_constant`); an undefined
+    test (too few mixed questions, no covariate left) is None.
     """
     covs = [np.asarray(length, dtype=np.float64)]
     names = ["length"]
@@ -230,8 +231,14 @@ def incremental_validity(score, labels, groups, length, logprob) -> dict:
     if np.all(np.isfinite(lp)):
         covs.append(lp)
         names.append("mean_logprob")
+    constant = [n for n, c in zip(names, covs) if c.size and np.ptp(c) == 0]
+    if len(constant) < len(names):
+        covs = [c for n, c in zip(names, covs) if n not in constant]
+        names = [n for n in names if n not in constant]
+    else:
+        constant = []
     z = np.column_stack(covs)
-    out: dict = {"covariates": names}
+    out: dict = {"covariates": names, "dropped_constant": constant}
     for key, g in (("across", None), ("within", groups)):
         try:
             r = stats.incremental_lrt(score, labels, z, groups=g)
@@ -337,6 +344,13 @@ TRUE_MODES = ("carry", "drop")
 the first is the right rule."""
 
 
+def _within_mode_auroc(x: np.ndarray, y: np.ndarray, groups: np.ndarray) -> float | None:
+    try:
+        return float(stats.within_auroc(x, y, groups))
+    except DataError:
+        return None
+
+
 def ground_truth_modes(records: Sequence[dict], codes_val: np.ndarray, val_index: np.ndarray, pack: FeaturePack,
                        score_val: np.ndarray, alive: np.ndarray) -> dict | None:
     """How well the pack recovers a task's recorded ground-truth mode on the validation responses.
@@ -345,6 +359,8 @@ def ground_truth_modes(records: Sequence[dict], codes_val: np.ndarray, val_index
     (`carry` or `drop`): per pack feature the AUROC of its pooled code for the right mode, the pack
     feature that separates the modes best (largest |AUROC − 0.5|, its `separation` = max(AUROC,
     1 − AUROC)), the best latent among all alive SAE latents for comparison, and the pack score's AUROC.
+    The same within questions (`within_*`: AUROC over (right-mode, wrong-mode) pairs of completions of the
+    same question, what a GRPO reward can use; the content of the question no longer differs between them).
     """
     modes = [records[i].get("mode") for i in val_index]
     if all(m is None for m in modes):
@@ -357,12 +373,19 @@ def ground_truth_modes(records: Sequence[dict], codes_val: np.ndarray, val_index
         out["undefined"] = f"fewer than one validation response of each determined mode ({counts})"
         return out
     X = codes_val[keep]
+    groups = np.array([str(records[i]["question_id"]) for i in val_index])[keep]
     feats = []
     for f in pack.features:
         a = float(stats.auroc(X[:, f["index"]], y))
+        wa = _within_mode_auroc(X[:, f["index"]], y, groups)
         feats.append({"index": int(f["index"]), "role": f.get("role"), "auroc_right_mode": a,
-                      "separation": max(a, 1 - a)})
+                      "separation": max(a, 1 - a), "within_auroc_right_mode": wa,
+                      "within_separation": None if wa is None else max(wa, 1 - wa)})
     best = max(feats, key=lambda d: d["separation"])
+    within = [d for d in feats if d["within_separation"] is not None]
+    if within:
+        out["best_pack_latent_within"] = max(within, key=lambda d: d["within_separation"])
+        out["pack_score_within_auroc_right_mode"] = _within_mode_auroc(score_val[keep], y, groups)
     all_auc = np.asarray(stats.auroc(X[:, alive], y), dtype=np.float64).reshape(-1) if alive.size else np.zeros(0)
     out.update({"pack_features": feats, "best_pack_latent": best,
                 "pack_score_auroc_right_mode": float(stats.auroc(score_val[keep], y))})
