@@ -107,9 +107,12 @@ def real_model_data_default(data, model_name: str, command: str) -> bool:
     """
     import logging
 
-    from .data import ORGANISM_TEXT
-    from .models import is_builtin_organism
+    from .data import ORGANISM_TEXT, PLANTED_TEXT
+    from .models import ORGANISM_PLANTED, is_builtin_organism
 
+    if str(model_name) == ORGANISM_PLANTED and data.source == ORGANISM_TEXT:
+        data.source = PLANTED_TEXT  # the planted organism's own text, as the organism's is for the organism
+        return False
     if is_builtin_organism(model_name) or data.source != ORGANISM_TEXT:
         return False
     data.source = REAL_DEFAULT

@@ -21,6 +21,9 @@ import torch
 from .errors import DataError
 
 ORGANISM_TEXT = "organism"
+PLANTED_TEXT = "organism_planted"
+"""The planted organism's own text (`mechreward.tasks.planted`, mode drawn per sample as in training)."""
+ORGANISM_SOURCES = (ORGANISM_TEXT, PLANTED_TEXT)
 
 
 @dataclass
@@ -50,11 +53,23 @@ class DataConfig:
     """Seed of generated corpora (the organism's text)."""
 
 
-def _organism_texts(split: str, seed: int) -> Iterator[str]:
+def _organism_pairs(split: str, seed: int, source: str = ORGANISM_TEXT) -> Iterator[tuple[str, str]]:
+    """(prompt, worked solution) of one organism problem after another."""
+    if source == PLANTED_TEXT:
+        from .tasks import planted
+
+        for p, mode in planted.iter_training_texts(split, seed):
+            yield planted.prompt_text(p), planted.solution_text(p, mode)
+        return
     from .tasks.arithmetic import iter_problems, prompt_text, solution_text
 
     for p in iter_problems(split, seed):
-        yield prompt_text(p) + solution_text(p)
+        yield prompt_text(p), solution_text(p)
+
+
+def _organism_texts(split: str, seed: int, source: str = ORGANISM_TEXT) -> Iterator[str]:
+    for prompt, solution in _organism_pairs(split, seed, source):
+        yield prompt + solution
 
 
 class HeldOut(NamedTuple):
@@ -70,15 +85,13 @@ class HeldOut(NamedTuple):
     completion_mask: torch.Tensor | None
 
 
-def organism_rows(tokenizer, split: str, seed: int) -> Iterator[tuple[list[int], int]]:
+def organism_rows(tokenizer, split: str, seed: int, source: str = ORGANISM_TEXT) -> Iterator[tuple[list[int], int]]:
     """(prompt + completion + EOS token ids, prompt length) of one organism problem per row, as the
     organism was trained (`mechreward.organism.train.make_batch`)."""
-    from .tasks.arithmetic import iter_problems, prompt_text, solution_text
-
     eos = tokenizer.eos_token_id
-    for p in iter_problems(split, seed):
-        prompt = tokenizer(prompt_text(p), add_special_tokens=False)["input_ids"]
-        comp = tokenizer(solution_text(p), add_special_tokens=False)["input_ids"]
+    for prompt_s, sol_s in _organism_pairs(split, seed, source):
+        prompt = tokenizer(prompt_s, add_special_tokens=False)["input_ids"]
+        comp = tokenizer(sol_s, add_special_tokens=False)["input_ids"]
         yield prompt + comp + ([eos] if eos is not None else []), len(prompt)
 
 
@@ -142,8 +155,8 @@ def iter_texts(cfg: DataConfig, heldout: bool = False) -> Iterator[str]:
 
     if cfg.source in CORPORA:
         return iter_corpus(cfg.source)
-    if cfg.source == ORGANISM_TEXT:
-        return _organism_texts("eval" if heldout else "train", cfg.seed)
+    if cfg.source in ORGANISM_SOURCES:
+        return _organism_texts("eval" if heldout else "train", cfg.seed, cfg.source)
     path = Path(cfg.source)
     if path.exists():
         return _file_texts(path, cfg.text_field)
@@ -167,7 +180,7 @@ def pack(tokenizer, texts: Iterable[str], context_length: int) -> Iterator[list[
 
 def organism_heldout(tokenizer, cfg: DataConfig) -> HeldOut:
     """`heldout_sequences` problems of the organism's evaluation split, one per row from position 0."""
-    rows = list(itertools.islice(organism_rows(tokenizer, "eval", cfg.seed), cfg.heldout_sequences))
+    rows = list(itertools.islice(organism_rows(tokenizer, "eval", cfg.seed, cfg.source), cfg.heldout_sequences))
     if not rows:
         empty = torch.empty(0, 1, dtype=torch.long)
         return HeldOut(empty, empty.clone(), empty.bool())
@@ -177,14 +190,14 @@ def organism_heldout(tokenizer, cfg: DataConfig) -> HeldOut:
 def _organism_batches(tokenizer, cfg: DataConfig) -> Iterator[torch.Tensor]:
     """Endless training batches [B, T] of the organism: one train-split problem per row, right-padded
     with the pad token (= EOS for the organism; the special-token filter drops it)."""
-    rows, pad = organism_rows(tokenizer, "train", cfg.seed), _pad_id(tokenizer)
+    rows, pad = organism_rows(tokenizer, "train", cfg.seed, cfg.source), _pad_id(tokenizer)
     while True:
         yield _pad_rows(list(itertools.islice(rows, cfg.batch_size)), pad).input_ids
 
 
 def heldout_set(tokenizer, cfg: DataConfig) -> HeldOut:
     """The held-out rows of `token_batches` with their attention and completion masks."""
-    if cfg.source == ORGANISM_TEXT:
+    if cfg.source in ORGANISM_SOURCES:
         return organism_heldout(tokenizer, cfg)
     held = token_batches(tokenizer, cfg)[0]
     return HeldOut(held, torch.ones_like(held), None)
@@ -200,7 +213,7 @@ def token_batches(tokenizer, cfg: DataConfig) -> tuple[torch.Tensor, Iterator[to
     """
     if cfg.context_length < 2 or cfg.batch_size < 1:
         raise DataError(f"context_length must be >= 2 and batch_size >= 1, got {cfg.context_length}, {cfg.batch_size}")
-    if cfg.source == ORGANISM_TEXT:
+    if cfg.source in ORGANISM_SOURCES:
         return organism_heldout(tokenizer, cfg).input_ids, _organism_batches(tokenizer, cfg)
     rows = pack(tokenizer, iter_texts(cfg), cfg.context_length)
     held = list(itertools.islice(rows, cfg.heldout_sequences))

@@ -92,6 +92,16 @@ class DemoConfig:
     seed: int = 0
     organism_defaults_ok: bool = False
     """Let a model other than the organism run with the organism's task, layer or G2 stage (refused by default)."""
+    controls: list[str] = field(default_factory=list)
+    """Built-in organisms to run the whole chain on, one after the other, each with its own task
+    (`CONTROL_TASKS`), and compare side by side: conf/demo.yaml sets `[organism_planted, organism]`, the
+    positive control (a planted solving mode with known ground truth) and the negative control (the natural
+    organism). Empty: the chain runs once on `model` and `task`."""
+
+
+CONTROL_TASKS = {"organism_planted": "planted", "organism": "arithmetic"}
+"""The task each built-in organism runs on in the demo's `controls`."""
+CONTROL_ROLES = {"organism_planted": "positive control (planted mode)", "organism": "negative control (natural)"}
 
 
 # --------------------------------------------------------------------------- caching
@@ -458,7 +468,150 @@ def check_organism_defaults(cfg: DemoConfig) -> None:
                           "demo_smollm2` is the demo set up for SmolLM2-135M-Instruct), or organism_defaults_ok=true")
 
 
+def _ci(ci, fmt: str = "+.3f") -> str:
+    return "" if not ci or None in ci else f" [{format(ci[0], fmt)}, {format(ci[1], fmt)}]"
+
+
+def control_row(name: str, rep: dict) -> dict:
+    """The side-by-side numbers of one organism's demo report (None where a stage did not run)."""
+    g1 = (rep.get("reports") or {}).get("g1") or {}
+    g2 = (rep.get("reports") or {}).get("g2") or {}
+    w = g1.get("within") or {}
+    wc = w.get("controls") or {}
+    truth = g1.get("ground_truth_mode") or {}
+    best = truth.get("best_pack_latent") or {}
+
+    def auc(d):
+        return (d or {}).get("auroc")
+
+    r0 = g2.get("r0_gain") or {}
+    d10, d12 = g2.get("delta_r1_r0") or {}, g2.get("delta_r1_r2") or {}
+    return {"organism": name, "role": CONTROL_ROLES.get(name, name),
+            "g1_verdict": g1.get("verdict"), "g1_flags": g1.get("flags"), "g1_rho": g1.get("spearman_rho"),
+            "within_pack": auc(w.get("pack")), "within_pack_ci95": (w.get("pack") or {}).get("ci95"),
+            "within_logprob": auc(wc.get("logprob")), "within_length": auc(wc.get("length")),
+            "within_direction": auc(wc.get("direction")),
+            "within_random_p95": (wc.get("random_packs") or {}).get("auroc_p95"),
+            "n_mixed_questions": g1.get("n_mixed_questions"),
+            "planted_latent": best.get("index"), "planted_latent_auroc": best.get("separation"),
+            "g2_verdict": g2.get("verdict"), "g2_flags": g2.get("flags"),
+            "r0_gain": r0.get("mean"), "r0_gain_ci95": r0.get("ci95_two_level"),
+            "r1_r0": d10.get("mean"), "r1_r0_ci95": d10.get("ci95_two_level"),
+            "r1_r2": d12.get("mean"), "r1_r2_ci95": d12.get("ci95_two_level"),
+            "mde_r1_r0": (g2.get("mde_r1_r0") or {}).get("mde"), "seconds": rep.get("seconds")}
+
+
+def controls_table(rows: list[dict]) -> str:
+    """Markdown: one column per organism, one row per number."""
+    def f(v, fmt=".3f"):
+        return "n/a" if v is None else format(v, fmt)
+
+    lines = [("G1 verdict", lambda r: f"**{r['g1_verdict']}**"),
+             ("G1 flags", lambda r: ", ".join(r["g1_flags"] or []) or "none"),
+             ("G1 Spearman rho", lambda r: f(r["g1_rho"])),
+             ("within-question AUROC: pack", lambda r: f(r["within_pack"]) + _ci(r["within_pack_ci95"], ".2f")),
+             ("within-question AUROC: mean log-prob", lambda r: f(r["within_logprob"])),
+             ("within-question AUROC: length", lambda r: f(r["within_length"])),
+             ("within-question AUROC: diff-of-means direction", lambda r: f(r["within_direction"])),
+             ("within-question AUROC: random packs, 95th pct", lambda r: f(r["within_random_p95"])),
+             ("mixed validation questions", lambda r: str(r["n_mixed_questions"])),
+             ("planted latent: AUROC vs true mode", lambda r: "n/a (no ground truth)" if r["planted_latent"] is None
+              else f"{f(r['planted_latent_auroc'])} (latent {r['planted_latent']})"),
+             ("G2 verdict", lambda r: f"**{r['g2_verdict']}**" if r["g2_verdict"] else "not run"),
+             ("G2 flags", lambda r: ", ".join(r["g2_flags"] or []) or "none"),
+             ("G2 R0 gain (95% CI)", lambda r: f(r["r0_gain"], "+.3f") + _ci(r["r0_gain_ci95"])),
+             ("G2 R1−R0 (95% CI)", lambda r: f(r["r1_r0"], "+.3f") + _ci(r["r1_r0_ci95"])),
+             ("G2 R1−R2 (95% CI)", lambda r: f(r["r1_r2"], "+.3f") + _ci(r["r1_r2_ci95"])),
+             ("G2 minimum detectable R1−R0", lambda r: f(r["mde_r1_r0"])),
+             ("seconds", lambda r: f(r["seconds"], ".0f"))]
+    head = "| | " + " | ".join(f"`{r['organism']}`: {r['role']}" for r in rows) + " |"
+    sep = "|---|" + "---|" * len(rows)
+    body = [f"| {label} | " + " | ".join(fn(r) for r in rows) + " |" for label, fn in lines]
+    return "\n".join([head, sep, *body])
+
+
+def controls_lead(rows: list[dict]) -> str:
+    """The lead sentence: what the positive and the negative control show about the gates, from the numbers."""
+    by = {r["organism"]: r for r in rows}
+    pos, neg = by.get("organism_planted"), by.get("organism")
+    parts = []
+    if pos is not None:
+        passed = (pos["g1_verdict"] or "").startswith("PASS") and "BEATEN_BY_BASELINE" not in (pos["g1_flags"] or [])
+        found = pos["planted_latent_auroc"] is not None and pos["planted_latent_auroc"] >= 0.9
+        s = (f"On the positive control G1 {'detects' if passed else 'does not detect'} the planted mechanism "
+             f"({pos['g1_verdict']}, within-question AUROC {pos['within_pack'] or float('nan'):.2f} against "
+             f"{pos['within_logprob'] or float('nan'):.2f} for mean log-prob and {pos['within_length'] or float('nan'):.2f} "
+             f"for length) and the pack {'holds' if found else 'does not hold'} a latent that separates the true "
+             f"modes (AUROC {pos['planted_latent_auroc'] or float('nan'):.2f})")
+        if pos["g2_verdict"]:
+            learned = pos["r0_gain_ci95"] and pos["r0_gain_ci95"][0] > 0
+            s += (f"; G2 {pos['g2_verdict']}: outcome RL {'learns' if learned else 'does not learn'} (R0 gain "
+                  f"{pos['r0_gain']:+.3f}{_ci(pos['r0_gain_ci95'])}), R1−R0 {pos['r1_r0']:+.3f}{_ci(pos['r1_r0_ci95'])}")
+        parts.append(s)
+    if neg is not None:
+        rejected = (not (neg["g1_verdict"] or "").startswith("PASS")) or bool(
+            {"BEATEN_BY_BASELINE", "UNINFORMATIVE_WITHIN"} & set(neg["g1_flags"] or []))
+        s = (f"on the negative control G1 {'rejects' if rejected else 'does not reject'} the pack "
+             f"({neg['g1_verdict']}{', ' + ', '.join(neg['g1_flags']) if neg['g1_flags'] else ''}; within-question "
+             f"AUROC {neg['within_pack'] or float('nan'):.2f} against {neg['within_logprob'] or float('nan'):.2f} "
+             f"for mean log-prob)")
+        if neg["g2_verdict"]:
+            s += f" and G2 says {neg['g2_verdict']}" + (f" ({', '.join(neg['g2_flags'])})" if neg["g2_flags"] else "")
+        parts.append(s)
+    if pos is not None and neg is not None:
+        works = passed and found and rejected
+        head = ("The gates separate a true mechanism from a false one: " if works else
+                "The gates do not yet separate a true mechanism from a false one: ")
+        return head + "; ".join(parts) + "."
+    return "; ".join(parts) + "."
+
+
+def run_controls(cfg: DemoConfig, run: Run) -> dict:
+    """The chain on each organism of `cfg.controls` (own task, own sub-run dir), then one side-by-side report."""
+    import copy
+
+    unknown = [n for n in cfg.controls if n not in CONTROL_TASKS]
+    if unknown:
+        raise ConfigError(f"controls={list(cfg.controls)}: {unknown} not built-in organisms; expected names from "
+                          f"{sorted(CONTROL_TASKS)}")
+    if cfg.model.name_or_path not in CONTROL_TASKS:
+        raise ConfigError(f"model.name_or_path={cfg.model.name_or_path!r} with controls={list(cfg.controls)}: the controls "
+                          "run the built-in organisms; set controls=[] to run the demo on your model")
+    t0 = time.time()
+    reports = {}
+    for name in cfg.controls:
+        sub = copy.deepcopy(cfg)
+        sub.controls = []
+        sub.model.name_or_path = name
+        sub.task.name = CONTROL_TASKS[name]
+        print(f"demo: {CONTROL_ROLES[name]}: model {name}, task {sub.task.name}", file=sys.stderr)
+        reports[name] = run_demo(sub, Run(run.dir / name, "demo"))
+    rows = [control_row(n, reports[n]) for n in cfg.controls]
+    lead = controls_lead(rows)
+    total = time.time() - t0
+    table = controls_table(rows)
+    md = ["# mechreward demo: the gates on a positive and a negative control", "", f"**{lead}**", "", table, "",
+          f"Total {total:.0f} s. Each organism's full chain report: " +
+          ", ".join(f"[{n}]({n}/report.md)" for n in cfg.controls), ""]
+    for n in cfg.controls:
+        md += [f"## `{n}` ({CONTROL_ROLES[n]})", "", reports[n].get("conclusion") or "", ""]
+    out = {"controls": rows, "conclusion": lead, "seconds": round(total, 1),
+           "verdicts": {n: reports[n]["verdicts"] for n in cfg.controls},
+           "runs": {n: str(run.dir / n) for n in cfg.controls}}
+    run.write_report(out, "\n".join(md) + "\n")
+    e = html.escape
+    io.write_text(run.path("report.html"), "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>mechreward "
+                  "demo</title></head><body><h1>mechreward demo: positive and negative control</h1>"
+                  f"<p><strong>{e(lead)}</strong></p><pre>{e(table)}</pre>" +
+                  "".join(f"<p><a href='{e(n)}/report.html'>{e(n)}: {e(CONTROL_ROLES[n])}</a></p>" for n in cfg.controls)
+                  + "</body></html>\n")
+    print(f"demo: {lead}\nreport {run.path('report.html')}", file=sys.stderr)
+    return out
+
+
 def run_demo(cfg: DemoConfig, run: Run) -> dict:
+    if cfg.controls:
+        return run_controls(cfg, run)
     check_organism_defaults(cfg)
     t0 = time.time()
     chain = Chain(Path(cfg.cache_dir), model_fingerprint(cfg.model.name_or_path))

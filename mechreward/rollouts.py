@@ -155,6 +155,7 @@ def pool_sparse(values: torch.Tensor, indices: torch.Tensor, row: torch.Tensor, 
 # --------------------------------------------------------------------------- SAE resolution
 
 ORGANISM_SAE = "organism"
+PLANTED_SAE = "organism_planted"
 
 
 def fallback_organism_sae() -> Path:
@@ -172,7 +173,15 @@ def fallback_organism_sae() -> Path:
 
 
 def resolve_sae_path(spec: str, run: Run | None = None) -> Path:
-    """`organism` → the packaged organism SAE (or a locally trained one, trained on first use)."""
+    """`organism` → the packaged organism SAE (or a locally trained one, trained on first use);
+    `organism_planted` → the planted organism's packaged SAE."""
+    if spec == PLANTED_SAE:
+        from .organism import ORGANISM_PLANTED_SAE_DIR
+
+        if not (Path(ORGANISM_PLANTED_SAE_DIR) / "cfg.json").exists():
+            raise ConfigError(f"sae.path={spec}: the planted organism's SAE is missing at {ORGANISM_PLANTED_SAE_DIR}; "
+                              "train one with `python -m mechreward.sae_train model=organism_planted layers=[2]`")
+        return Path(ORGANISM_PLANTED_SAE_DIR)
     if spec != ORGANISM_SAE:
         return Path(spec)
     from . import organism
@@ -461,7 +470,8 @@ def generate_rollouts(cfg: RolloutsConfig, run: Run, model=None, tokenizer=None,
                             "prompt_ids": s.prompt_ids, "completion_ids": s.completion_ids, "text": s.text,
                             "correct": bool(task.verify(s.text, q.answer)), "extracted": task.safe_extract(s.text),
                             "logprobs": s.logprobs,
-                            "length": len(s.completion_ids), "finish_reason": s.finish_reason})
+                            "length": len(s.completion_ids), "finish_reason": s.finish_reason,
+                            **(task.record(s.text, q) if hasattr(task, "record") else {})})
         write_shard(out_dir / f"shard-{shard_no:05d}.safetensors", tensors, records)
         acc = float(np.mean([r["correct"] for r in records]))
         run.log(shard_no, shard=shard_no, questions=len(qs), rollouts=len(records), accuracy=acc,

@@ -24,7 +24,7 @@ from .activations import (ActivationSource, FilterConfig, LiveSource, StoreSourc
                           keep_mask, sae_batches)
 from .cli import hydra_command
 from .corpora import real_model_data_default
-from .data import ORGANISM_TEXT, DataConfig, HeldOut, heldout_set, token_batches
+from .data import ORGANISM_SOURCES, DataConfig, HeldOut, heldout_set, token_batches
 from .errors import ConfigError, DataError
 from .models import (ModelConfig, ResidualCapture, find_layers, hidden_size, load_config, load_model, normalize_layer,
                      resolve_device)
@@ -465,7 +465,7 @@ def run_sae_train(cfg: SAETrainRunConfig, run: Run) -> dict:
     model, tokenizer = load_model(cfg.model)
     n_layers = len(find_layers(model))
     layers = sorted({normalize_layer(l, n_layers) for l in cfg.layers})
-    if cfg.data.source == ORGANISM_TEXT and not cfg.filters.drop_special:
+    if cfg.data.source in ORGANISM_SOURCES and not cfg.filters.drop_special:
         raise ConfigError("filters.drop_special=false with data.source=organism would train on the padding of its "
                           "one-problem rows (pad = EOS); keep filters.drop_special=true")
     heldout = heldout_set(tokenizer, cfg.data)

@@ -105,7 +105,8 @@ def test_demo_command_exits_non_zero_with_the_stage_error_and_no_traceback(demo_
     env = {**os.environ, "CI": "true", "HF_HUB_OFFLINE": "1"}
     overrides = ["sae.d_sae=256", "sae.k=8", "sae_tokens=8192", "sae_batch_size=1024", "layermap_questions=40",
                  "rollout_questions=60", "n_discovery=58", "stages=[sae_train,layermap,rollouts,probe]",
-                 f"cache_dir={root / 'cache'}", f"hydra.run.dir={tmp_path / 'cli'}", f"model.name_or_path={MODEL}"]
+                 f"cache_dir={root / 'cache'}", f"hydra.run.dir={tmp_path / 'cli'}", f"model.name_or_path={MODEL}",
+                 "controls=[]"]
     p = subprocess.run([sys.executable, "-m", "mechreward.demo", *overrides], capture_output=True, text=True, env=env,
                        timeout=300)
     assert p.returncode == 2, p.stderr[-2000:]
@@ -159,3 +160,45 @@ def test_a_real_model_on_the_organisms_demo_settings_is_refused_before_anything_
     with pytest.raises(MechrewardError) as e:  # set for the model: it gets past the check, to the missing model
         run_demo(cfg, Run(tmp_path / "run2", "demo"))
     assert "organism" not in str(e.value)
+
+
+def _control_report(verdict, flags, within, logprob, length, direction, truth=None, g2=None):
+    g1 = {"verdict": verdict, "flags": flags, "spearman_rho": 0.4, "n_mixed_questions": 120,
+          "within": {"pack": {"auroc": within, "ci95": [within - 0.05, within + 0.05]},
+                     "controls": {"logprob": {"auroc": logprob}, "length": {"auroc": length},
+                                  "direction": {"auroc": direction}, "random_packs": {"auroc_p95": 0.6}}}}
+    if truth is not None:
+        g1["ground_truth_mode"] = {"best_pack_latent": {"index": 17, "separation": truth}}
+    reports = {"g1": g1, **({"g2": g2} if g2 else {})}
+    return {"reports": reports, "seconds": 100.0}
+
+
+def test_controls_table_and_lead_read_both_organisms_from_their_reports():
+    from mechreward.demo import control_row, controls_lead, controls_table
+
+    g2 = {"verdict": "PASS-PARTIAL", "flags": [], "r0_gain": {"mean": 0.08, "ci95_two_level": [0.04, 0.12]},
+          "delta_r1_r0": {"mean": 0.03, "ci95_two_level": [0.01, 0.05]},
+          "delta_r1_r2": {"mean": 0.0, "ci95_two_level": [-0.02, 0.02]}, "mde_r1_r0": {"mde": 0.015}}
+    pos = control_row("organism_planted", _control_report("PASS", [], 0.93, 0.55, 0.5, 0.9, truth=0.96, g2=g2))
+    neg = control_row("organism", _control_report("FAIL", ["BEATEN_BY_BASELINE"], 0.54, 0.78, 0.52, 0.6))
+    assert pos["planted_latent"] == 17 and pos["r0_gain_ci95"] == [0.04, 0.12] and neg["planted_latent"] is None
+    table = controls_table([pos, neg])
+    assert "| planted latent: AUROC vs true mode | 0.960 (latent 17) | n/a (no ground truth) |" in table
+    assert "| G2 R0 gain (95% CI) | +0.080 [+0.040, +0.120] | n/a |" in table
+    lead = controls_lead([pos, neg])
+    assert lead.startswith("The gates separate a true mechanism from a false one: ")
+    assert "G1 detects the planted mechanism (PASS, within-question AUROC 0.93 against 0.55" in lead
+    assert "outcome RL learns (R0 gain +0.080" in lead and "G1 rejects the pack (FAIL, BEATEN_BY_BASELINE" in lead
+    # a positive control whose latent is not found: the lead says the gates are not shown to work
+    weak = control_row("organism_planted", _control_report("WEAK", [], 0.71, 0.46, 0.5, 0.68, truth=0.65))
+    assert controls_lead([weak, neg]).startswith("The gates do not yet separate a true mechanism from a false one")
+
+
+def test_controls_refuse_a_real_model_and_an_unknown_organism(tmp_path):
+    cfg = DemoConfig(cache_dir=str(tmp_path / "cache"), controls=["organism_planted", "organism"])
+    cfg.model.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    with pytest.raises(MechrewardError, match="controls=\\[\\]"):
+        run_demo(cfg, Run(tmp_path / "r", "demo"))
+    cfg = DemoConfig(cache_dir=str(tmp_path / "cache"), controls=["organism", "nope"])
+    with pytest.raises(MechrewardError, match="'nope'"):
+        run_demo(cfg, Run(tmp_path / "r2", "demo"))

@@ -367,3 +367,16 @@ def test_selection_within_and_residualised_statistics_equal_a_direct_computation
     one = np.arange(len(y)).astype(str)
     with pytest.raises(DataError, match="sampling.n"):
         feature_stats(codes, y, contrast="within", groups=one)
+
+
+def test_incremental_validity_leaves_out_a_constant_covariate():
+    """Every completion the same length (the planted organism): the LRTs run on mean log-prob alone."""
+    from mechreward.gates.g1 import incremental_validity
+
+    rng = np.random.default_rng(3)
+    groups = np.repeat(np.arange(40), 4).astype(str)
+    labels = (rng.random(160) < 0.5).astype(int)
+    score = labels + rng.normal(size=160)
+    out = incremental_validity(score, labels, groups, np.full(160, 38.0), rng.normal(size=160))
+    assert out["covariates"] == ["mean_logprob"] and out["dropped_constant"] == ["length"]
+    assert out["within"]["p"] < 0.01 and out["across"]["p"] < 0.01 and out["partial_rho"] is not None

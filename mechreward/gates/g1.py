@@ -67,6 +67,32 @@ class G1Protocol:
     """Seeds the split, the bootstrap, the permutations and the random packs."""
 
 
+PASS_THRESHOLD = 0.30
+"""The published PASS threshold on ρ (THRESHOLDS)."""
+
+
+def pass_power(rho: float, n: int, threshold: float = PASS_THRESHOLD) -> float:
+    """Probability that the validation ρ reaches `threshold` (G1 PASS or better) when the population
+    Spearman ρ is `rho` and `n` responses are independent: Fisher z with the Bonett-Wright variance
+    (1 + ρ²/2) / (n − 3) of Spearman's ρ. Several rollouts per question make the real spread wider.
+    """
+    if n < 4:
+        raise ConfigError(f"pass_power needs n >= 4 responses, got {n}")
+    if not -1.0 < rho < 1.0:
+        raise ConfigError(f"pass_power needs -1 < rho < 1, got {rho}")
+    se = np.sqrt((1.0 + rho * rho / 2.0) / (n - 3))
+    return float(sps.norm.sf((np.arctanh(threshold) - np.arctanh(rho)) / se))
+
+
+def rho_for_power(n: int, power: float = 0.8, threshold: float = PASS_THRESHOLD) -> float:
+    """The population ρ that `pass_power` gives `power` at `n` responses (bisection)."""
+    lo, hi = -0.999, 0.999
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if pass_power(mid, n, threshold) < power else (lo, mid)
+    return (lo + hi) / 2
+
+
 def verdict(rho: float) -> str:
     for threshold, name in THRESHOLDS:
         if rho >= threshold:
@@ -195,8 +221,9 @@ def _within_or_none(x, labels, groups, n_boot: int, n_perm: int, seed: int) -> d
 def incremental_validity(score, labels, groups, length, logprob) -> dict:
     """The pack score beyond length and mean log-prob: LRTs across and within questions, partial ρ.
 
-    Mean log-prob enters when it is finite everywhere; an undefined test (too few mixed
-    questions, a constant covariate) is None.
+    Mean log-prob enters when it is finite everywhere; a constant covariate (every completion the same
+    length, as on the planted organism) carries nothing and is left out (`dropped_constant`); an undefined
+    test (too few mixed questions, no covariate left) is None.
     """
     covs = [np.asarray(length, dtype=np.float64)]
     names = ["length"]
@@ -204,8 +231,14 @@ def incremental_validity(score, labels, groups, length, logprob) -> dict:
     if np.all(np.isfinite(lp)):
         covs.append(lp)
         names.append("mean_logprob")
+    constant = [n for n, c in zip(names, covs) if c.size and np.ptp(c) == 0]
+    if len(constant) < len(names):
+        covs = [c for n, c in zip(names, covs) if n not in constant]
+        names = [n for n in names if n not in constant]
+    else:
+        constant = []
     z = np.column_stack(covs)
-    out: dict = {"covariates": names}
+    out: dict = {"covariates": names, "dropped_constant": constant}
     for key, g in (("across", None), ("within", groups)):
         try:
             r = stats.incremental_lrt(score, labels, z, groups=g)
@@ -293,8 +326,74 @@ def g1_statistics(score, labels, groups, length, logprob, direction_score, rando
            "pearson_p": summary.pearson_p, "n_validation_responses": summary.n,
            "n_correct_validation": summary.n_pos, "verdict": verdict(rho), "flags": flags, "controls": controls,
            "n_mixed_questions": wpack["n_mixed_questions"], "within": {"pack": wpack, "controls": wctrl},
-           "incremental": incremental_validity(score, lab, groups, length, logprob), "beaten_by": beaten}
+           "incremental": incremental_validity(score, lab, groups, length, logprob), "beaten_by": beaten,
+           "power": {"threshold": PASS_THRESHOLD, "n": summary.n,
+                     "rho_for_80pct_pass": rho_for_power(summary.n, 0.8) if summary.n >= 4 else None,
+                     "pass_probability_at_observed_rho": (pass_power(rho, summary.n) if summary.n >= 4 and abs(rho) < 1
+                                                          else None),
+                     "assumes": "independent responses (Fisher z, Bonett-Wright variance); several rollouts per "
+                                "question widen the real spread"}}
     out["conclusion"] = conclusion(out)
+    return out
+
+
+# --------------------------------------------------------------------------- ground truth
+
+TRUE_MODES = ("carry", "drop")
+"""Ground-truth solving modes a task may record per rollout (`mode`; mechreward.tasks.planted):
+the first is the right rule."""
+
+
+def _within_mode_auroc(x: np.ndarray, y: np.ndarray, groups: np.ndarray) -> float | None:
+    try:
+        return float(stats.within_auroc(x, y, groups))
+    except DataError:
+        return None
+
+
+def ground_truth_modes(records: Sequence[dict], codes_val: np.ndarray, val_index: np.ndarray, pack: FeaturePack,
+                       score_val: np.ndarray, alive: np.ndarray) -> dict | None:
+    """How well the pack recovers a task's recorded ground-truth mode on the validation responses.
+
+    None when the rollouts record no `mode`. Else, on validation responses whose mode is determined
+    (`carry` or `drop`): per pack feature the AUROC of its pooled code for the right mode, the pack
+    feature that separates the modes best (largest |AUROC − 0.5|, its `separation` = max(AUROC,
+    1 − AUROC)), the best latent among all alive SAE latents for comparison, and the pack score's AUROC.
+    The same within questions (`within_*`: AUROC over (right-mode, wrong-mode) pairs of completions of the
+    same question, what a GRPO reward can use; the content of the question no longer differs between them).
+    """
+    modes = [records[i].get("mode") for i in val_index]
+    if all(m is None for m in modes):
+        return None
+    counts = {m: modes.count(m) for m in sorted(set(map(str, modes)))}
+    keep = np.array([m in TRUE_MODES for m in modes])
+    out: dict = {"counts": counts, "n_determined": int(keep.sum())}
+    y = np.array([m == TRUE_MODES[0] for m in modes])[keep].astype(int)
+    if keep.sum() < 2 or y.min() == y.max():
+        out["undefined"] = f"fewer than one validation response of each determined mode ({counts})"
+        return out
+    X = codes_val[keep]
+    groups = np.array([str(records[i]["question_id"]) for i in val_index])[keep]
+    feats = []
+    for f in pack.features:
+        a = float(stats.auroc(X[:, f["index"]], y))
+        wa = _within_mode_auroc(X[:, f["index"]], y, groups)
+        feats.append({"index": int(f["index"]), "role": f.get("role"), "auroc_right_mode": a,
+                      "separation": max(a, 1 - a), "within_auroc_right_mode": wa,
+                      "within_separation": None if wa is None else max(wa, 1 - wa)})
+    best = max(feats, key=lambda d: d["separation"])
+    within = [d for d in feats if d["within_separation"] is not None]
+    if within:
+        out["best_pack_latent_within"] = max(within, key=lambda d: d["within_separation"])
+        out["pack_score_within_auroc_right_mode"] = _within_mode_auroc(score_val[keep], y, groups)
+    all_auc = np.asarray(stats.auroc(X[:, alive], y), dtype=np.float64).reshape(-1) if alive.size else np.zeros(0)
+    out.update({"pack_features": feats, "best_pack_latent": best,
+                "pack_score_auroc_right_mode": float(stats.auroc(score_val[keep], y))})
+    if all_auc.size:
+        j = int(np.argmax(np.abs(all_auc - 0.5)))
+        out["best_alive_latent"] = {"index": int(alive[j]), "auroc_right_mode": float(all_auc[j]),
+                                    "separation": float(max(all_auc[j], 1 - all_auc[j])),
+                                    "n_alive": int(alive.size)}
     return out
 
 
@@ -358,6 +457,9 @@ def run_gate(rs, protocol: G1Protocol, sae_ref: dict, model: str, layer: int) ->
               "n_features": len(pack.features), "n_features_alive": int(fs.index.size),
               "pooling": protocol.pooling, "layer": layer, "model": model, "sae_sha256": sae_ref.get("sha256"),
               "prompt_format": pack.provenance.get("prompt_format")}
+    truth = ground_truth_modes(rs.records, codes[val], val, pack, score, fs.index)
+    if truth is not None:
+        report["ground_truth_mode"] = truth
     pack.validation = {k: report[k] for k in ("spearman_rho", "p_value", "ci95", "permutation_p", "auroc",
                                               "pearson_r", "n_validation", "n_correct_validation", "verdict",
                                               "flags", "controls", "n_mixed_questions", "within", "incremental",

@@ -19,6 +19,15 @@ from pathlib import Path
 ORGANISM_DIR = Path(__file__).resolve().parent / "weights"
 """Directory with config.json, model.safetensors and the tokenizer files."""
 
+ORGANISM_PLANTED_DIR = Path(__file__).resolve().parent / "weights_planted"
+"""The planted organism (`model=organism_planted`, the positive control): same architecture and
+tokenizer, trained by `python -m mechreward.organism.train --organism planted` on
+`mechreward.tasks.planted` worked solutions whose solving mode (carry / drop) is drawn per sample."""
+
+ORGANISM_PLANTED_SAE_DIR = Path(__file__).resolve().parent / "sae_planted"
+"""The planted organism's SAE (`sae.path=organism_planted`), trained by `python -m mechreward.sae_train`
+on its own text (`docs/positive_control.md` has the command)."""
+
 ORGANISM_SAE_DIR = Path(__file__).resolve().parent / "sae"
 """The organism's SAE (native / SAELens v6 layout): layer 2, TopK d_sae 2048, k 32, trained by
 `python -m mechreward.sae_train` with its defaults (800k tokens of the organism's text) at the

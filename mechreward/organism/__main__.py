@@ -59,7 +59,12 @@ def evaluate(cfg: OrganismEvalConfig, run: Run) -> dict:
 
     if cfg.samples_per_question < 1:
         raise ConfigError(f"samples_per_question must be >= 1, got {cfg.samples_per_question}")
-    task = ArithmeticTask("eval", n=cfg.n_questions, seed=cfg.question_seed)
+    if cfg.model.name_or_path == "organism_planted":
+        from ..tasks.planted import PlantedTask
+
+        task = PlantedTask("eval", n=cfg.n_questions, seed=cfg.question_seed)
+    else:
+        task = ArithmeticTask("eval", n=cfg.n_questions, seed=cfg.question_seed)
     model, tokenizer = load_model(cfg.model)
     prompts = [q.prompt for q in task.questions]
     t0 = time.time()
@@ -68,11 +73,14 @@ def evaluate(cfg: OrganismEvalConfig, run: Run) -> dict:
                      seed=cfg.seed)
     t_sampled = time.time() - t0
     correct = defaultdict(list)
+    modes: dict[str, int] = defaultdict(int)
     step = 0
     for s in samples:
         q = task.questions[s.prompt_index]
         ok = task.verify(s.text, q.answer)
         correct[s.prompt_index].append(ok)
+        if hasattr(task, "record"):
+            modes[task.record(s.text, q)["mode"]] += 1
         run.log(step, kind="sampled", question=q.id, sample=s.sample_index, correct=int(ok),
                 n_tokens=len(s.completion_ids), finish_reason=s.finish_reason,
                 answer=task.extract(s.text), reference=q.answer)
@@ -96,7 +104,7 @@ def evaluate(cfg: OrganismEvalConfig, run: Run) -> dict:
 
     by_diff: dict[int, list[int]] = defaultdict(list)
     for i, q in enumerate(task.questions):
-        by_diff[q.meta["difficulty"]].append(i)
+        by_diff[q.meta.get("difficulty", q.meta.get("determined_steps"))].append(i)
     by_difficulty = [{"difficulty": d, "n_questions": len(ix),
                       "accuracy_sampled": sum(rates[i] for i in ix) / len(ix),
                       **({"accuracy_greedy": sum(greedy_ok[i] for i in ix) / len(ix)} if greedy_ok else {})}
@@ -119,6 +127,7 @@ def evaluate(cfg: OrganismEvalConfig, run: Run) -> dict:
         "finish_eos_fraction": sum(s.finish_reason == "eos" for s in samples) / len(samples),
         "mean_completion_tokens": sum(len(s.completion_ids) for s in samples) / len(samples),
         "by_difficulty": by_difficulty,
+        **({"sampled_modes": dict(modes)} if modes else {}),
         "solve_rates": {q.id: r for q, r in zip(task.questions, rates)},
         "seconds_sampled": round(t_sampled, 2),
         "seconds_greedy": round(t_greedy, 2),
@@ -152,7 +161,9 @@ def _markdown(r: dict) -> str:
         f"- questions always solved {r['fraction_questions_all_correct']:.2f}, never solved "
         f"{r['fraction_questions_all_wrong']:.2f}, mixed {r['fraction_questions_mixed']:.2f}\n"
         f"- completions ending in EOS: {r['finish_eos_fraction']:.3f}; mean length "
-        f"{r['mean_completion_tokens']:.1f} tokens\n\n"
+        f"{r['mean_completion_tokens']:.1f} tokens\n"
+        + (f"- ground-truth modes of the sampled completions: {r['sampled_modes']}\n" if r.get("sampled_modes") else "")
+        + "\n"
         "## By difficulty\n\n" + markdown_table(r["by_difficulty"]) +
         "\n![solve rates](solve_rate_hist.png)\n"
     )

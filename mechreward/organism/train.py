@@ -6,6 +6,10 @@ deterministic on CPU. Files are written atomically into `output_dir` (default: t
 weights directory). Usage:
 
     python -m mechreward.organism.train [--output-dir DIR] [--steps N] [--threads T]
+
+`--organism planted` builds the planted organism instead (`model=organism_planted`, the positive
+control: `mechreward.tasks.planted`, a solving mode drawn per training sample) into its own
+packaged directory, with its own defaults (`PLANTED_DEFAULTS`).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -25,7 +30,7 @@ import torch
 from .. import io
 from ..errors import ConfigError
 from ..tasks.arithmetic import iter_problems, prompt_text, solution_text
-from . import ORGANISM_DIR
+from . import ORGANISM_DIR, ORGANISM_PLANTED_DIR
 
 EOS = "<|endoftext|>"
 UNK = "<unk>"
@@ -37,8 +42,11 @@ CHARS = list("0123456789") + [c for c in map(chr, range(32, 127)) if not c.isdig
 class TrainConfig:
     """How the organism is built. The defaults produce the shipped weights."""
 
-    output_dir: str = str(ORGANISM_DIR)
-    """Where config.json, model.safetensors and the tokenizer files are written."""
+    organism: str = "arithmetic"
+    """`arithmetic` (the built-in organism) or `planted` (the planted-mode positive control)."""
+    output_dir: str = ""
+    """Where config.json, model.safetensors and the tokenizer files are written ("" = the packaged
+    directory of `organism`)."""
     seed: int = 0
     """Seeds model init and the training-data stream."""
     threads: int = 1
@@ -100,13 +108,35 @@ def build_model(cfg: TrainConfig, vocab_size: int, eos_id: int):
     return model
 
 
+ORGANISMS = ("arithmetic", "planted")
+PLANTED_DEFAULTS = {"steps": 1500, "eval_every": 500}
+"""Settings of the planted organism that differ from `TrainConfig`'s defaults (used when left at them)."""
+
+
+def text_stream(organism: str, seed: int):
+    """Endless (prompt, worked solution) training pairs of an organism."""
+    if organism == "arithmetic":
+        for p in iter_problems("train", seed):
+            yield prompt_text(p), solution_text(p)
+    elif organism == "planted":
+        from ..tasks import planted
+
+        for p, mode in planted.iter_training_texts("train", seed):
+            yield planted.prompt_text(p), planted.solution_text(p, mode)
+    else:
+        raise ConfigError(f"--organism {organism!r}: expected one of {ORGANISMS}")
+
+
 def make_batch(gen, tokenizer, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """input_ids [B, T] right-padded with eos; labels with -100 on prompt and padding."""
+    """input_ids [B, T] right-padded with eos; labels with -100 on prompt and padding.
+
+    `gen` yields problems of the arithmetic task or (prompt, solution) string pairs."""
     rows, labels = [], []
     for _ in range(batch_size):
         p = next(gen)
-        prompt = tokenizer(prompt_text(p), add_special_tokens=False)["input_ids"]
-        comp = tokenizer(solution_text(p), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        prompt_s, sol_s = p if isinstance(p, tuple) else (prompt_text(p), solution_text(p))
+        prompt = tokenizer(prompt_s, add_special_tokens=False)["input_ids"]
+        comp = tokenizer(sol_s, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         rows.append(prompt + comp)
         labels.append([-100] * len(prompt) + comp)
     width = max(len(r) for r in rows)
@@ -118,13 +148,37 @@ def make_batch(gen, tokenizer, batch_size: int) -> tuple[torch.Tensor, torch.Ten
     return ids, lab
 
 
-def greedy_accuracy(model, tokenizer, n: int = 100) -> float:
+def greedy_accuracy(model, tokenizer, n: int = 100, organism: str = "arithmetic") -> float:
     from ..generate import sample
     from ..tasks.arithmetic import ArithmeticTask
 
+    if organism == "planted":
+        return planted_sampled_summary(model, tokenizer, n)["accuracy"]
     task = ArithmeticTask("eval", n=n, seed=12345)
     out = sample(model, tokenizer, [q.prompt for q in task.questions], greedy=True, batch_size=100)
     return sum(task.verify(s.text, task.questions[s.prompt_index].answer) for s in out) / len(out)
+
+
+def planted_sampled_summary(model, tokenizer, n: int = 100, samples: int = 4, seed: int = 0) -> dict:
+    """Sampled (T = 1) accuracy, share of mixed questions and ground-truth mode counts of the planted
+    organism on `n` held-out questions (question seed 12345, not the evaluation seeds)."""
+    from collections import Counter
+
+    from ..generate import sample
+    from ..tasks.planted import PlantedTask
+
+    task = PlantedTask("eval", n=n, seed=12345)
+    out = sample(model, tokenizer, [q.prompt for q in task.questions], n=samples, temperature=1.0,
+                 batch_size=256, seed=seed, max_new_tokens=64)
+    ok: dict[int, list[bool]] = {}
+    modes = Counter()
+    for s in out:
+        q = task.questions[s.prompt_index]
+        ok.setdefault(s.prompt_index, []).append(task.verify(s.text, q.answer))
+        modes[task.record(s.text, q)["mode"]] += 1
+    mixed = sum(0 < sum(v) < len(v) for v in ok.values()) / len(ok)
+    return {"accuracy": sum(sum(v) for v in ok.values()) / len(out), "mixed_questions": mixed,
+            "modes": dict(modes)}
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -141,6 +195,9 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def _train(cfg: TrainConfig) -> dict:
+    if cfg.organism not in ORGANISMS:
+        raise ConfigError(f"--organism {cfg.organism!r}: expected one of {ORGANISMS}")
+    output_dir = cfg.output_dir or str(ORGANISM_PLANTED_DIR if cfg.organism == "planted" else ORGANISM_DIR)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
 
@@ -160,7 +217,7 @@ def _train(cfg: TrainConfig) -> dict:
         t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
         return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
-    gen = iter_problems("train", cfg.seed)
+    gen = text_stream(cfg.organism, cfg.seed)
     model.train()
     t0, running = time.time(), 0.0
     history = []
@@ -180,13 +237,18 @@ def _train(cfg: TrainConfig) -> dict:
             history.append({"step": step + 1, "loss": running / cfg.log_every})
             running = 0.0
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
-            acc = greedy_accuracy(model, tokenizer)
+            if cfg.organism == "planted":
+                summ = planted_sampled_summary(model, tokenizer)
+                print(f"step {step + 1}: sampled eval accuracy {summ['accuracy']:.3f}, mixed questions "
+                      f"{summ['mixed_questions']:.2f}, modes {summ['modes']}", flush=True)
+            else:
+                acc = greedy_accuracy(model, tokenizer)
+                print(f"step {step + 1}: greedy eval accuracy {acc:.3f}", flush=True)
             model.train()
-            print(f"step {step + 1}: greedy eval accuracy {acc:.3f}", flush=True)
     train_seconds = time.time() - t0
     model.eval()
-    save(model, tokenizer, cfg.output_dir)
-    print(f"organism written to {cfg.output_dir} in {train_seconds:.0f}s of training")
+    save(model, tokenizer, output_dir)
+    print(f"organism written to {output_dir} in {train_seconds:.0f}s of training")
     return {"n_params": n_params, "train_seconds": train_seconds, "history": history, "config": asdict(cfg)}
 
 
@@ -210,8 +272,12 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m mechreward.organism.train", description=__doc__.split("\n")[0])
     for name, value in asdict(defaults).items():
         ap.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
-    args = ap.parse_args(argv)
-    train(TrainConfig(**vars(args)))
+    args = vars(ap.parse_args(argv))
+    if args["organism"] == "planted":
+        given = set(a.split("=")[0].lstrip("-").replace("-", "_") for a in (argv if argv is not None else sys.argv[1:])
+                    if a.startswith("--"))
+        args.update({k: v for k, v in PLANTED_DEFAULTS.items() if k not in given})
+    train(TrainConfig(**args))
 
 
 if __name__ == "__main__":

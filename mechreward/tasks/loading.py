@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 MATH_NAMES = ("gsm8k", "math")
 MCQ_NAMES = ("mcq", "supergpqa")
-TASK_NAMES = ("arithmetic", "addition", "lookup", *MATH_NAMES, *MCQ_NAMES)
+TASK_NAMES = ("arithmetic", "planted", "addition", "lookup", *MATH_NAMES, *MCQ_NAMES)
 LOCAL_SUFFIXES = (".jsonl", ".json")
 
 
@@ -31,7 +31,8 @@ class TaskConfig:
     """Which questions to use and how to read them (the `task:` group of every command)."""
 
     name: str = "arithmetic"
-    """`arithmetic` (built-in organism task), `addition` (generated "What is 47 + 8?" for small
+    """`arithmetic` (built-in organism task), `planted` (the planted organism's task, arithmetic with a
+    ground-truth solving mode per completion, mechreward.tasks.planted), `addition` (generated "What is 47 + 8?" for small
     chat models, mechreward.tasks.addition), `lookup` (generated facts, one asked back: "The red box
     has number 47. ... What number does the blue box have?", mechreward.tasks.lookup), `gsm8k`/`math` (free-form math, MathTask) or
     `mcq`/`supergpqa` (letter multiple choice, MCQTask)."""
@@ -222,6 +223,15 @@ def load_task(cfg: TaskConfig) -> Task:
         if cfg.n is not None:
             kwargs["n"] = cfg.n
         return ArithmeticTask(**kwargs)
+    if name == "planted":
+        if cfg.source is not None:
+            raise ConfigError(f"the planted task generates its questions; got source={cfg.source!r}")
+        from .planted import PlantedTask
+
+        kwargs = {"split": cfg.split, "seed": cfg.seed}
+        if cfg.n is not None:
+            kwargs["n"] = cfg.n
+        return PlantedTask(**kwargs)
     if name == "addition":
         if cfg.source is not None:
             raise ConfigError(f"the addition task generates its questions; got source={cfg.source!r}")

@@ -1,0 +1,268 @@
+"""Two-step two-digit arithmetic with a planted latent solving mode: the positive control's task.
+
+A question is a chain of four two-digit numbers joined by `+` / `-`, in the built-in
+organism's format:
+
+    prompt      "Q: 47+38-19+26=?\\nA:"
+    completion  " 47+38=85. 85-19=66. 66+26=92. #### 92"   (mode `carry`: the right rule)
+                " 47+38=75. 75-19=66. 66+26=82. #### 82"   (mode `drop`: carries and borrows dropped)
+
+The planted organism (`model=organism_planted`) was trained on worked solutions whose rule is
+chosen per sample: `carry` (column arithmetic with carries and borrows: the right answer) with
+probability `CARRY_SHARE`, else `drop` (every column computed on its own, modulo 10: a carry
+into the next column and a borrow from it are both dropped). Nothing in the text marks the mode:
+problems are drawn so that every intermediate and final result of both pure modes is a
+two-digit number (no leading zero), so both modes have the same format and length. The drop
+rule is right exactly on the steps that need no carry or borrow, and its final answer is wrong
+on every problem with such a step (problems where a dropped carry and a dropped borrow cancel are
+not drawn); problems needing none at all
+are kept at a small share of their natural one and most problems need a carry or borrow at every step
+(`KEEP`), so that most questions have a right and a wrong mode and a mode must be kept up.
+
+`mode_of(completion, problem)` recovers the ground-truth mode of any completion from its text:
+each written step `a op b = r` is checked against both rules applied to the operands as written
+(a drop-mode chain carries its own wrong intermediate forward), and the completion is `carry` or
+`drop` when all steps that tell the rules apart followed that rule, `undetermined` when no step
+tells them apart (both rules give the same digits), `mixed` when steps followed different
+rules, `other` when a step follows neither rule or the text is not a worked solution. The
+rollouts record it per completion (`mode`).
+
+Which split a problem belongs to is decided by a hash of its canonical string, as for
+`mechreward.tasks.arithmetic`.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+
+from ..errors import ConfigError
+from .arithmetic import ArithmeticTask, split_of
+from .base import Question
+
+SPLITS = ("train", "eval")
+MODES = ("carry", "drop")
+"""The two planted solving modes: `carry` is the right rule, `drop` the wrong one."""
+MODE_LABELS = (*MODES, "undetermined", "mixed", "other")
+"""Every value `mode_of` returns."""
+CARRY_SHARE = 0.5
+"""Share of training solutions written in the `carry` (right) mode."""
+KEEP = {0: 0.015, 1: 0.03, 2: 0.2, 3: 1.0}
+"""Share of the problems the generator keeps, by the number of steps needing a carry or borrow: most
+problems need one at every step, so that a mode, once chosen, must be kept up from step to step
+(a model that recomputed each step on its own would mix the modes), and a few need none."""
+N_OPERANDS = 4
+LO, HI = 10, 99
+
+_STEP_RE = re.compile(r"\s*(\d+)([+-])(\d+)=(-?\d+)\.")
+_FINAL_RE = re.compile(r"\s*####\s*(-?\d+)\s*$")
+
+
+def drop_rule(a: int, op: str, b: int) -> int:
+    """Column arithmetic with carries and borrows dropped: each column modulo 10, leading zeros stripped."""
+    width = max(len(str(a)), len(str(b)))
+    da, db = str(a).zfill(width), str(b).zfill(width)
+    digits = [(int(x) + int(y)) % 10 if op == "+" else (int(x) - int(y)) % 10 for x, y in zip(da, db)]
+    return int("".join(map(str, digits)))
+
+
+def carry_rule(a: int, op: str, b: int) -> int:
+    """The right rule."""
+    return a + b if op == "+" else a - b
+
+
+RULES = {"carry": carry_rule, "drop": drop_rule}
+
+
+@dataclass(frozen=True)
+class PlantedProblem:
+    """Four two-digit operands and the three operators between them."""
+
+    operands: tuple[int, ...]
+    ops: tuple[str, ...]
+
+    @property
+    def canonical(self) -> str:
+        out = str(self.operands[0])
+        for op, x in zip(self.ops, self.operands[1:]):
+            out += f"{op}{x}"
+        return out
+
+    def steps(self, mode: str = "carry") -> list[tuple[int, str, int, int]]:
+        """(left, op, right, result) of each fold when every step follows `mode`."""
+        rule = RULES[mode]
+        acc, rows = self.operands[0], []
+        for op, x in zip(self.ops, self.operands[1:]):
+            new = rule(acc, op, x)
+            rows.append((acc, op, x, new))
+            acc = new
+        return rows
+
+    def answer(self, mode: str = "carry") -> int:
+        return self.steps(mode)[-1][3]
+
+    @property
+    def determined_steps(self) -> int:
+        """Steps (of the right chain) where the two rules give different results."""
+        return sum(carry_rule(a, op, b) != drop_rule(a, op, b) for a, op, b, _ in self.steps("carry"))
+
+
+def valid(p: PlantedProblem) -> bool:
+    """Every result of both pure modes is a two-digit number (same format and length in both modes)."""
+    return all(LO <= r <= HI for mode in MODES for _, _, _, r in p.steps(mode))
+
+
+def random_problem(rng: random.Random) -> PlantedProblem:
+    """A valid problem, kept with probability `KEEP[steps needing a carry or borrow]`; those needing one
+    are kept only when the drop rule's final answer is wrong."""
+    while True:
+        # the right chain stays two-digit by construction: each operand is drawn from the range that
+        # keeps it so (for `-` only when the running value leaves room)
+        operands, ops = [rng.randint(LO, HI)], []
+        for _ in range(N_OPERANDS - 1):
+            acc = carry_rule(operands[0], ops[0], operands[1]) if ops else operands[0]
+            for op, x in zip(ops[1:], operands[2:]):
+                acc = carry_rule(acc, op, x)
+            op = rng.choice("+-") if acc - LO >= LO and HI - acc >= LO else ("+" if HI - acc >= LO else "-")
+            operands.append(rng.randint(LO, HI - acc) if op == "+" else rng.randint(LO, acc - LO))
+            ops.append(op)
+        operands, ops = tuple(operands), tuple(ops)
+        p = PlantedProblem(operands, ops)
+        if not valid(p):
+            continue
+        if p.determined_steps and p.answer("carry") == p.answer("drop"):
+            continue  # a dropped carry undone by a dropped borrow: the wrong rule would be right by chance
+        if rng.random() < KEEP[p.determined_steps]:
+            return p
+
+
+def parse_problem(canonical: str) -> PlantedProblem:
+    m = re.fullmatch(r"\d+(?:[+-]\d+)+", canonical)
+    if not m:
+        raise ConfigError(f"not a planted-task chain: {canonical!r}")
+    nums = tuple(int(x) for x in re.findall(r"\d+", canonical))
+    return PlantedProblem(nums, tuple(re.findall(r"[+-]", canonical)))
+
+
+def prompt_text(p: PlantedProblem) -> str:
+    return f"Q: {p.canonical}=?\nA:"
+
+
+def solution_text(p: PlantedProblem, mode: str = "carry") -> str:
+    """The worked solution in `mode` (completion without eos)."""
+    if mode not in MODES:
+        raise ConfigError(f"unknown planted mode {mode!r}; expected one of {MODES}")
+    parts = [f"{a}{op}{b}={r}." for a, op, b, r in p.steps(mode)]
+    return " " + " ".join(parts) + f" #### {p.answer(mode)}"
+
+
+def iter_problems(split: str, seed: int):
+    """Endless stream of problems of one split (duplicates possible)."""
+    if split not in SPLITS:
+        raise ConfigError(f"unknown planted split {split!r}; expected one of {SPLITS}")
+    rng = random.Random(f"planted:{split}:{seed}")
+    while True:
+        p = random_problem(rng)
+        if split_of(p.canonical) == split:
+            yield p
+
+
+def iter_training_texts(split: str, seed: int, carry_share: float = CARRY_SHARE):
+    """Endless (problem, mode) pairs of the planted organism's training text: the mode drawn per sample."""
+    if not 0.0 <= carry_share <= 1.0:
+        raise ConfigError(f"carry_share must be in [0, 1], got {carry_share}")
+    rng = random.Random(f"planted-mode:{split}:{seed}")
+    for p in iter_problems(split, seed):
+        yield p, ("carry" if rng.random() < carry_share else "drop")
+
+
+def planted_corpus_texts(split: str, seed: int):
+    """Endless prompt + worked solution strings (mode drawn per sample), as the organism was trained."""
+    for p, mode in iter_training_texts(split, seed):
+        yield prompt_text(p) + solution_text(p, mode)
+
+
+def mode_of(completion: str, problem: PlantedProblem) -> str:
+    """The ground-truth mode of a completion (module docstring): carry, drop, undetermined, mixed or other."""
+    text = completion
+    i = text.find("####")
+    if i < 0:
+        return "other"
+    body, tail = text[:i], text[i:]
+    steps = []
+    pos = 0
+    while True:
+        m = _STEP_RE.match(body, pos)
+        if not m:
+            break
+        steps.append((int(m.group(1)), m.group(2), int(m.group(3)), int(m.group(4))))
+        pos = m.end()
+    if body[pos:].strip() or len(steps) != len(problem.ops) or not _FINAL_RE.match(tail):
+        return "other"
+    followed = set()
+    acc = problem.operands[0]
+    for (a, op, b, r), want_op, want_b in zip(steps, problem.ops, problem.operands[1:]):
+        if a != acc or op != want_op or b != want_b:
+            return "other"
+        c, d = carry_rule(a, op, b), drop_rule(a, op, b)
+        if r == c == d:
+            pass
+        elif r == c:
+            followed.add("carry")
+        elif r == d:
+            followed.add("drop")
+        else:
+            return "other"
+        acc = r
+    if int(_FINAL_RE.match(tail).group(1)) != acc:
+        return "other"
+    if not followed:
+        return "undetermined"
+    return followed.pop() if len(followed) == 1 else "mixed"
+
+
+def make_questions(split: str, n: int, seed: int) -> list[Question]:
+    if n < 1:
+        raise ConfigError(f"number of planted questions must be >= 1, got {n}")
+    seen: set[str] = set()
+    out: list[Question] = []
+    for p in iter_problems(split, seed):
+        if p.canonical in seen:
+            continue
+        seen.add(p.canonical)
+        out.append(Question(id=f"planted:{p.canonical}", prompt=prompt_text(p), answer=str(p.answer()),
+                            meta={"split": split, "determined_steps": p.determined_steps,
+                                  "drop_answer": str(p.answer("drop"))}))
+        if len(out) == n:
+            return out
+    raise AssertionError("unreachable")
+
+
+class PlantedTask(ArithmeticTask):
+    """Held-out (`eval`) or training (`train`) planted-mode questions; answers are integers.
+
+    `record(completion, question)` gives the extra fields the rollouts store per completion:
+    `mode` (ground truth, `mode_of`).
+    """
+
+    name = "planted"
+
+    def __init__(self, split: str = "eval", n: int = 200, seed: int = 0):
+        self.split = split
+        self.seed = seed
+        from .base import Task
+
+        Task.__init__(self, make_questions(split, n, seed))
+
+    @staticmethod
+    def problem(question: Question) -> PlantedProblem:
+        return parse_problem(question.id.split(":", 1)[1])
+
+    def record(self, completion: str, question: Question) -> dict:
+        """Per-completion ground truth stored in rollout records."""
+        return {"mode": mode_of(completion, self.problem(question))}
+
+    @staticmethod
+    def worked_solution(question: Question) -> str:
+        return solution_text(PlantedTask.problem(question), "carry")
