@@ -138,15 +138,29 @@ def evaluate_heldout(model, tokenizer, eval_qs, task, p: G2Protocol, reward=None
                          prompt_format=prompt_format)
     out = {"sampled": ev["correct"].reshape(len(eval_qs), k).mean(1), "score_mean": ev["score_mean"],
            "n_no_answer": ev["n_no_answer"]}
+    ids = [ev["prompt_ids"], ev["completion_ids"]]
     if greedy:
-        out["greedy"] = evaluate_policy(model, tokenizer, eval_qs, task, None, greedy=True,
-                                        max_new_tokens=p.eval_max_new_tokens,
-                                        batch_size=p.eval_batch_size, prompt_format=prompt_format)["correct"]
+        gr = evaluate_policy(model, tokenizer, eval_qs, task, None, greedy=True, max_new_tokens=p.eval_max_new_tokens,
+                             batch_size=p.eval_batch_size, prompt_format=prompt_format)
+        out["greedy"] = gr["correct"]
+        ids.append(gr["completion_ids"])
+    out["digest"] = _digest(ids)
     return out
 
 
-def _curve_callback(tokenizer, eval_qs, task, p: G2Protocol, curve: list, log, prompt_format=None):
-    """Held-out sampled and greedy accuracy every `eval_every` steps (appended to `curve`, logged)."""
+def _digest(ids) -> str:
+    """Short sha256 of the prompt ids fed and the completion ids generated: two evaluations with equal digests
+    saw the same prompts and produced the same completions."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:16]
+
+
+def _curve_callback(tokenizer, eval_qs, task, p: G2Protocol, curve: list, log, *, prompt_format):
+    """Held-out sampled and greedy accuracy every `eval_every` steps (appended to `curve`, logged), on the prompts
+    of `prompt_format` (the pack's G1 format, as before and after training; required: without it the prompts
+    would lose the chat template)."""
     from transformers import TrainerCallback
 
     class HeldoutCurve(TrainerCallback):
@@ -154,7 +168,7 @@ def _curve_callback(tokenizer, eval_qs, task, p: G2Protocol, curve: list, log, p
             if p.eval_every and state.global_step % p.eval_every == 0 and state.global_step < state.max_steps:
                 ev = evaluate_heldout(model, tokenizer, eval_qs, task, p, prompt_format=prompt_format)
                 pt = {"step": state.global_step, "sampled": float(ev["sampled"].mean()),
-                      "greedy": float(ev["greedy"].mean())}
+                      "greedy": float(ev["greedy"].mean()), "digest": ev["digest"]}
                 curve.append(pt)
                 log(pt)
 
@@ -204,7 +218,7 @@ def run_arm(arm: str, seed: int, cfg: G2Config, task, train_qs, eval_qs, rewards
                                        lora_dropout=0.0, task_type="CAUSAL_LM")
     curve: list[dict] = []
     cb = _curve_callback(tokenizer, eval_qs, task, p, curve,
-                         lambda pt: log and log(kind="curve", arm=arm, seed=seed, **pt))
+                         lambda pt: log and log(kind="curve", arm=arm, seed=seed, **pt), prompt_format=prompt_format)
     trainer = MechGRPOTrainer(model, reward_funcs=funcs, args=args, train_dataset=_dataset(train_qs),
                               processing_class=tokenizer, mech_lambda=p.lam, callbacks=[cb],
                               prompt_format=prompt_format, vllm_settings=cfg.vllm, **kw)
@@ -219,7 +233,8 @@ def run_arm(arm: str, seed: int, cfg: G2Config, task, train_qs, eval_qs, rewards
     corr = [r[k] for r in history for k in r if k.endswith("_outcome_corr")]
     score_reward = mech if hasattr(mech, "token_values") else (rewards.get("R1") if arm == "R0" else None)
     ev = evaluate_heldout(trainer.model, tokenizer, eval_qs, task, p, score_reward, prompt_format=prompt_format)
-    final = {"step": p.steps, "sampled": float(ev["sampled"].mean()), "greedy": float(ev["greedy"].mean())}
+    final = {"step": p.steps, "sampled": float(ev["sampled"].mean()), "greedy": float(ev["greedy"].mean()),
+             "digest": ev["digest"]}
     curve.append(final)
     if log:
         log(kind="curve", arm=arm, seed=seed, **final)
@@ -311,7 +326,8 @@ def run_g2(cfg: G2Config, run: Run) -> dict:
     before = {"sampled": ev1["sampled"], "greedy": ev1["greedy"],
               "score": {"R0": ev1["score_mean"], "R1": ev1["score_mean"], "R2": ev2["score_mean"]}}
     del base
-    b0 = {"step": 0, "sampled": float(before["sampled"].mean()), "greedy": float(before["greedy"].mean())}
+    b0 = {"step": 0, "sampled": float(before["sampled"].mean()), "greedy": float(before["greedy"].mean()),
+          "digest": ev1["digest"]}
     print(f"G2: held-out accuracy before: sampled {b0['sampled']:.3f} ({p.eval_samples} samples at "
           f"T={p.temperature}), greedy {b0['greedy']:.3f} (n={len(eval_qs)}); pack {pack_path}")
     no_answer_before = ev1["n_no_answer"]

@@ -505,7 +505,7 @@ def evaluate_policy(model, tokenizer, questions, task, reward: HiddenStateReward
 
     Prompts: `prompt_format` (a `mechreward.prompts.PromptFormat`; None = the bare `chat` on/off), tokenised by
     `encode_prompt` as in G1 and in `MechGRPOTrainer`.
-    Returns accuracy, the `prompt_ids` fed, per-completion `correct [R]` and `score [R]` (trajectory mech score,
+    Returns accuracy, the `prompt_ids` fed, the `completion_ids` generated, per-completion `correct [R]` and `score [R]` (trajectory mech score,
     teacher-forced right-padded pass with early exit at the reward's layer), their means and Spearman ρ (None if
     undefined).
     """
@@ -549,7 +549,7 @@ def evaluate_policy(model, tokenizer, questions, task, reward: HiddenStateReward
         rho = float(spearman(scores[ok], correct[ok]).stat)
     return {"accuracy": float(correct.mean()) if len(correct) else float("nan"), "correct": correct, "prompt_ids": prompts,
             "score": scores, "score_mean": float(np.nanmean(scores)) if ok.any() else None, "rho": rho,
-            "n": int(len(samples)), "n_no_answer": n_no_answer}
+            "n": int(len(samples)), "n_no_answer": n_no_answer, "completion_ids": [s.completion_ids for s in samples]}
 
 
 class HackingMonitor(TrainerCallback):

@@ -219,3 +219,52 @@ def test_g2_refuses_organism_protocol_on_another_model(tmp_path):
     cfg = G2Config(model=ModelConfig("some/other-model", device="cpu"), protocol_for="organism")
     with pytest.raises(ConfigError, match="protocol_for"):
         run_g2(cfg, Run(tmp_path / "run", "g2"))
+
+
+def test_midrun_curve_point_equals_an_independent_evaluation_of_the_adapter_saved_at_that_step(tmp_path):
+    """G2 with LoRA, lr > 0: the held-out evaluation inside training (the curve point at step 1) is the one a
+    fresh base model loaded with the adapter saved at step 1 gives on the pack's prompts: same prompt ids, same
+    sampled and greedy completions (digest), same accuracies. The pack's format here is not the bare question,
+    as a chat model's template is not: the mid-run point once fell back to bare prompts (on SmolLM2-135M-Instruct
+    every completion was empty, accuracy 0.0 at step 2 of 4, 0.70 at step 4)."""
+    from peft import PeftModel
+
+    from mechreward.g2 import G2Config, evaluate_heldout, heldout_questions, run_g2
+    from mechreward.models import ModelConfig, load_model
+    from mechreward.probe import FeaturePack
+    from mechreward.prompts import format_of_pack
+    from mechreward.run import Run, read_metrics
+    from mechreward.tasks import TaskConfig, load_task
+
+    model_dir, pack_path = _tiny_setup(tmp_path)
+    raw = json.loads(pack_path.read_text())
+    raw["provenance"]["prompt_format"] = {"chat_template": False, "prompt_template": "Solve: {prompt} ="}
+    pack_path.write_text(json.dumps(raw))
+    cfg = G2Config(model=ModelConfig(model_dir, device="cpu"), pack=str(pack_path),
+                   task=TaskConfig(split="eval", n=8), train_task=TaskConfig(split="train", n=8))
+    p = cfg.protocol
+    p.steps, p.questions_per_step, p.rollouts_per_question, p.eval_every, p.eval_samples = 2, 2, 2, 1, 2
+    p.seeds, p.n_eval, p.max_completion_length, p.eval_max_new_tokens = [0], 4, 4, 4
+    p.lora_r, p.lora_alpha, p.n_boot, p.learning_rate = 4, 8, 200, 1e-2
+    p.grpo = {"save_strategy": "steps", "save_steps": 1}
+    run = Run(tmp_path / "run", "g2")
+    rep = run_g2(cfg, run)
+    # R1's mech reward gives a learning signal (the tiny model's outcomes all tie at 0): its policy moved
+    assert rep["arms"]["R1"]["final_weights_sha"] != rep["arms"]["R1"]["init_weights_sha"]
+    rows = {(r["arm"], r["step"]): r for r in read_metrics(tmp_path / "run" / "metrics.jsonl")
+            if r.get("kind") == "curve" and r["seed"] == 0}
+
+    pack = FeaturePack.load(pack_path)
+    task = load_task(cfg.task)
+    eval_qs = heldout_questions(task, pack, p.n_eval)
+    base, tok = load_model(model_dir, device="cpu")
+    fmt = format_of_pack(pack).resolve(tok)
+    assert rows[("R0", 0)]["digest"] == evaluate_heldout(base, tok, eval_qs, task, p, prompt_format=fmt)["digest"]
+    for arm in ("R0", "R1"):
+        ck = tmp_path / "run" / "arms" / f"{arm}-seed0" / "checkpoint-1"
+        fresh = PeftModel.from_pretrained(load_model(model_dir, device="cpu")[0], str(ck))
+        ev = evaluate_heldout(fresh, tok, eval_qs, task, p, prompt_format=fmt)
+        mid = rows[(arm, 1)]
+        assert mid["digest"] == ev["digest"], arm
+        assert (mid["sampled"], mid["greedy"]) == (float(ev["sampled"].mean()), float(ev["greedy"].mean()))
+    assert rows[("R1", 2)]["digest"] != rows[("R1", 1)]["digest"]  # a later step, other weights: other completions

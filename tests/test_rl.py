@@ -263,3 +263,39 @@ def test_trl_keys_under_grpo_need_no_plus_on_the_command_line():
         cfg = OmegaConf.to_object(compose("g2", overrides=add_passthrough_keys(
             ["protocol.grpo.use_vllm=true", "protocol.grpo.gradient_checkpointing=true"], ["protocol.grpo"])))
     assert cfg.protocol.grpo == {"use_vllm": True, "gradient_checkpointing": True, "lr_scheduler_type": "constant"}
+
+
+def test_midrun_monitor_equals_an_independent_evaluation_of_the_checkpointed_adapter(tmp_path):
+    """The hacking monitor's evaluation inside training (LoRA policy, TRL's training state) equals the same
+    evaluation of a fresh base model loaded with the adapter saved at that step; a run without canaries says
+    so in its log and report.md."""
+    from peft import PeftModel
+
+    from mechreward.grpo import evaluate_policy
+    from mechreward.models import load_model
+    from mechreward.prompts import PromptFormat
+    from mechreward.reward import SAEFeatureReward
+    from mechreward.rl import run_rl, split_eval
+    from mechreward.run import Run
+    from mechreward.tasks import TaskConfig, load_task
+
+    model_dir, pack_path = _tiny_rl_setup(tmp_path)
+    out = tmp_path / "ck"
+    cfg = _tiny_cfg(model_dir, pack_path, out, 2, False, n_canaries=0, per_token=False, lam_end=None, beta_end=None,
+                    eval_task=TaskConfig(split="eval", n=6), eval_max_new_tokens=6)
+    rep = run_rl(cfg, Run(tmp_path / "r", "rl"))
+    evals = {e["step"]: e for e in rep["monitor"]["evaluations"]}
+    assert sorted(evals) == [0, 1, 2]
+    assert rep["n_canaries"] == 0 and "n_canaries" in rep["canary_warning"]
+    assert "no canary prompts" in (tmp_path / "r" / "report.md").read_text()
+
+    task = load_task(cfg.eval_task)
+    heldout, _, _ = split_eval(task.questions, None, 0)
+    mech = SAEFeatureReward.from_pack(pack_path)
+    for step in (1, 2):
+        base, tok = load_model(model_dir, device="cpu")
+        policy = PeftModel.from_pretrained(base, str(out / f"checkpoint-{step}")).eval()
+        ev = evaluate_policy(policy, tok, heldout, task, mech, greedy=True, max_new_tokens=6,
+                             prompt_format=PromptFormat(chat_template=False).resolve(tok))
+        assert evals[step]["heldout_accuracy"] == ev["accuracy"]
+        assert evals[step]["heldout_score_mean"] == pytest.approx(ev["score_mean"], rel=1e-5, abs=1e-6), step
