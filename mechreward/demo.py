@@ -1,4 +1,11 @@
-"""`python -m mechreward.demo`: the whole method end to end on the built-in organism, offline, on a CPU.
+"""`python -m mechreward.demo`: the whole method end to end on the built-in organisms, offline, on a CPU.
+
+conf/demo.yaml runs the chain twice (`controls`): on the planted organism (positive control: a
+solving mode planted per sample, ground truth known per completion; docs/positive_control.md) and on
+the organism (negative control), and leads with one side-by-side table (G1 verdict and flags,
+within-question AUROC of the pack and of each cheap signal, the best pack latent against the true
+mode, G2's R0 gain, R1−R0 and R1−R2 with CIs) and a sentence computed from those numbers. With
+`controls=[]` the chain runs once on `model` and `task`, as below.
 
 Stages (each a real command run into its own run dir):
 
@@ -530,6 +537,17 @@ def controls_table(rows: list[dict]) -> str:
     return "\n".join([head, sep, *body])
 
 
+def within_beats_baselines(row: dict) -> bool:
+    """The pack's within-question CI lies above length, mean log-prob, the direction and the random packs' 95th pct."""
+    ci = row.get("within_pack_ci95")
+    if not ci:
+        return False
+    others = [abs(row[k] - 0.5) + 0.5 for k in ("within_logprob", "within_length", "within_direction") if row[k] is not None]
+    if row["within_random_p95"] is not None:
+        others.append(row["within_random_p95"])
+    return bool(others) and ci[0] > max(others) and "BEATEN_BY_BASELINE" not in (row["g1_flags"] or [])
+
+
 def controls_lead(rows: list[dict]) -> str:
     """The lead sentence: what the positive and the negative control show about the gates, from the numbers."""
     by = {r["organism"]: r for r in rows}
@@ -538,11 +556,15 @@ def controls_lead(rows: list[dict]) -> str:
     if pos is not None:
         passed = (pos["g1_verdict"] or "").startswith("PASS") and "BEATEN_BY_BASELINE" not in (pos["g1_flags"] or [])
         found = pos["planted_latent_auroc"] is not None and pos["planted_latent_auroc"] >= 0.9
-        s = (f"On the positive control G1 {'detects' if passed else 'does not detect'} the planted mechanism "
-             f"({pos['g1_verdict']}, within-question AUROC {pos['within_pack'] or float('nan'):.2f} against "
-             f"{pos['within_logprob'] or float('nan'):.2f} for mean log-prob and {pos['within_length'] or float('nan'):.2f} "
-             f"for length) and the pack {'holds' if found else 'does not hold'} a latent that separates the true "
-             f"modes (AUROC {pos['planted_latent_auroc'] or float('nan'):.2f})")
+        within = within_beats_baselines(pos)
+        s = (f"On the positive control G1's published verdict is {pos['g1_verdict']}"
+             f"{' (detected)' if passed else ' (not detected)'}, its within-question evidence "
+             f"{'beats' if within else 'does not beat'} every cheap signal (pack AUROC "
+             f"{pos['within_pack'] or float('nan'):.2f}{_ci(pos['within_pack_ci95'], '.2f')} against "
+             f"{pos['within_logprob'] or float('nan'):.2f} for mean log-prob, {pos['within_length'] or float('nan'):.2f} "
+             f"for length, {pos['within_direction'] or float('nan'):.2f} for the direction) and the pack's best latent "
+             f"separates the true modes at AUROC {pos['planted_latent_auroc'] or float('nan'):.2f} "
+             f"({'at least' if found else 'below'} the 0.9 a planted latent should reach)")
         if pos["g2_verdict"]:
             learned = pos["r0_gain_ci95"] and pos["r0_gain_ci95"][0] > 0
             s += (f"; G2 {pos['g2_verdict']}: outcome RL {'learns' if learned else 'does not learn'} (R0 gain "
@@ -561,6 +583,8 @@ def controls_lead(rows: list[dict]) -> str:
     if pos is not None and neg is not None:
         works = passed and found and rejected
         head = ("The gates separate a true mechanism from a false one: " if works else
+                "Within questions the gates tell the planted mechanism from the natural one, but the positive control "
+                "is not fully recovered: " if within and rejected else
                 "The gates do not yet separate a true mechanism from a false one: ")
         return head + "; ".join(parts) + "."
     return "; ".join(parts) + "."

@@ -179,7 +179,7 @@ def test_controls_table_and_lead_read_both_organisms_from_their_reports():
     g2 = {"verdict": "PASS-PARTIAL", "flags": [], "r0_gain": {"mean": 0.08, "ci95_two_level": [0.04, 0.12]},
           "delta_r1_r0": {"mean": 0.03, "ci95_two_level": [0.01, 0.05]},
           "delta_r1_r2": {"mean": 0.0, "ci95_two_level": [-0.02, 0.02]}, "mde_r1_r0": {"mde": 0.015}}
-    pos = control_row("organism_planted", _control_report("PASS", [], 0.93, 0.55, 0.5, 0.9, truth=0.96, g2=g2))
+    pos = control_row("organism_planted", _control_report("PASS", [], 0.93, 0.55, 0.5, 0.6, truth=0.96, g2=g2))
     neg = control_row("organism", _control_report("FAIL", ["BEATEN_BY_BASELINE"], 0.54, 0.78, 0.52, 0.6))
     assert pos["planted_latent"] == 17 and pos["r0_gain_ci95"] == [0.04, 0.12] and neg["planted_latent"] is None
     table = controls_table([pos, neg])
@@ -187,11 +187,18 @@ def test_controls_table_and_lead_read_both_organisms_from_their_reports():
     assert "| G2 R0 gain (95% CI) | +0.080 [+0.040, +0.120] | n/a |" in table
     lead = controls_lead([pos, neg])
     assert lead.startswith("The gates separate a true mechanism from a false one: ")
-    assert "G1 detects the planted mechanism (PASS, within-question AUROC 0.93 against 0.55" in lead
+    assert ("G1's published verdict is PASS (detected), its within-question evidence beats every cheap signal (pack "
+            "AUROC 0.93 [0.88, 0.98] against 0.55 for mean log-prob, 0.50 for length, 0.60 for the direction)") in lead
+    assert "best latent separates the true modes at AUROC 0.96 (at least the 0.9" in lead
     assert "outcome RL learns (R0 gain +0.080" in lead and "G1 rejects the pack (FAIL, BEATEN_BY_BASELINE" in lead
     # a positive control whose latent is not found: the lead says the gates are not shown to work
     weak = control_row("organism_planted", _control_report("WEAK", [], 0.71, 0.46, 0.5, 0.68, truth=0.65))
     assert controls_lead([weak, neg]).startswith("The gates do not yet separate a true mechanism from a false one")
+    # within-question evidence above every baseline, but no latent at 0.9 and a WEAK verdict: said as such
+    part = control_row("organism_planted", _control_report("WEAK", [], 0.81, 0.57, 0.5, 0.72, truth=0.73))
+    lead = controls_lead([part, neg])
+    assert lead.startswith("Within questions the gates tell the planted mechanism from the natural one, but the")
+    assert "(below the 0.9 a planted latent should reach)" in lead
 
 
 def test_controls_refuse_a_real_model_and_an_unknown_organism(tmp_path):
