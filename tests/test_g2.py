@@ -268,3 +268,21 @@ def test_midrun_curve_point_equals_an_independent_evaluation_of_the_adapter_save
         assert mid["digest"] == ev["digest"], arm
         assert (mid["sampled"], mid["greedy"]) == (float(ev["sampled"].mean()), float(ev["greedy"].mean()))
     assert rows[("R1", 2)]["digest"] != rows[("R1", 1)]["digest"]  # a later step, other weights: other completions
+
+
+def test_smollm2_preset_composes_for_its_model_with_the_four_arms():
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from mechreward.cli import CONF_DIR, register
+    from mechreward.g2 import G2Config
+
+    register("g2", G2Config)
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = OmegaConf.to_object(compose("g2_smollm2", overrides=["pack=p.json"]))
+    assert cfg.protocol_for == cfg.model.name_or_path == "smollm2-135m-instruct"
+    assert (cfg.task.name, cfg.train_task.name, cfg.train_task.split) == ("lookup", "lookup", "train")
+    p = cfg.protocol
+    p.check()
+    assert (p.adapter, p.extra_arms, len(p.seeds), p.beta) == ("lora", ["LP"], 3, 0.0)
+    assert p.steps * p.questions_per_step <= cfg.train_task.n
