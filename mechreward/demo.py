@@ -530,7 +530,7 @@ def controls_table(rows: list[dict]) -> str:
              ("G2 R1−R0 (95% CI)", lambda r: f(r["r1_r0"], "+.3f") + _ci(r["r1_r0_ci95"])),
              ("G2 R1−R2 (95% CI)", lambda r: f(r["r1_r2"], "+.3f") + _ci(r["r1_r2_ci95"])),
              ("G2 minimum detectable R1−R0", lambda r: f(r["mde_r1_r0"])),
-             ("seconds", lambda r: f(r["seconds"], ".0f"))]
+             ("seconds of this run (reused stages count 0)", lambda r: f(r["seconds"], ".0f"))]
     head = "| | " + " | ".join(f"`{r['organism']}`: {r['role']}" for r in rows) + " |"
     sep = "|---|" + "---|" * len(rows)
     body = [f"| {label} | " + " | ".join(fn(r) for r in rows) + " |" for label, fn in lines]
