@@ -214,24 +214,16 @@ def load_task(cfg: TaskConfig) -> Task:
     if cfg.n is not None and cfg.n < 1:
         raise ConfigError(f"task.n must be >= 1 or null, got {cfg.n}")
 
-    if name == "arithmetic":
+    if name in ("arithmetic", "planted"):
         if cfg.source is not None:
-            raise ConfigError(f"the arithmetic task generates its questions; got source={cfg.source!r}")
+            raise ConfigError(f"the {name} task generates its questions; got source={cfg.source!r}")
         from .arithmetic import ArithmeticTask
-
-        kwargs = {"split": cfg.split, "seed": cfg.seed}
-        if cfg.n is not None:
-            kwargs["n"] = cfg.n
-        return ArithmeticTask(**kwargs)
-    if name == "planted":
-        if cfg.source is not None:
-            raise ConfigError(f"the planted task generates its questions; got source={cfg.source!r}")
         from .planted import PlantedTask
 
         kwargs = {"split": cfg.split, "seed": cfg.seed}
         if cfg.n is not None:
             kwargs["n"] = cfg.n
-        return PlantedTask(**kwargs)
+        return (ArithmeticTask if name == "arithmetic" else PlantedTask)(**kwargs)
     if name == "addition":
         if cfg.source is not None:
             raise ConfigError(f"the addition task generates its questions; got source={cfg.source!r}")

@@ -38,7 +38,7 @@ import re
 from dataclasses import dataclass
 
 from ..errors import ConfigError
-from .arithmetic import ArithmeticTask, split_of
+from .arithmetic import ArithmeticTask, Problem, split_of
 from .base import Question
 
 SPLITS = ("train", "eval")
@@ -82,12 +82,7 @@ class PlantedProblem:
     operands: tuple[int, ...]
     ops: tuple[str, ...]
 
-    @property
-    def canonical(self) -> str:
-        out = str(self.operands[0])
-        for op, x in zip(self.ops, self.operands[1:]):
-            out += f"{op}{x}"
-        return out
+    canonical = Problem.canonical  # "47+38-19+26": the split hash and question id are computed from it
 
     def steps(self, mode: str = "carry") -> list[tuple[int, str, int, int]]:
         """(left, op, right, result) of each fold when every step follows `mode`."""
