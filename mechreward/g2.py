@@ -449,9 +449,14 @@ def _markdown(r: dict) -> str:
     for a in r["arm_names"][3:]:
         lines += [f"R1 − {a}: {d(r['delta_r1_' + a.lower()])}", ""]
     if mde["mde"] is not None:
-        lines += [(f"Power: seed-to-seed SD of {vm} accuracy {mde['seed_sd']:.4f} (pooled within arms, df {mde['df']}); "
-                  f"minimum detectable R1−R0 difference with {mde['n_seeds']} seeds at α=0.05, power {mde['power']}: "
-                  f"{mde['mde']:.4f}; the published 2pp margin needs about {mde['seeds_for_2pp']} seeds."), ""]
+        un = mde.get("unpaired") or {}
+        lines += [(f"Power: minimum detectable R1−R0 difference with {mde['n_seeds']} seeds at α=0.05, power "
+                  f"{mde['power']}: **{mde['mde']:.4f}** — the larger of the paired t-test's on the per-seed R1−R0 "
+                  f"differences ({mde['mde_seeds']:.4f}; their SD {mde['diff_sd']:.4f}, df {mde['df']}) and the "
+                  f"two-level CI's ({_num(mde.get('mde_two_level'))}); the published 2pp margin needs about "
+                  f"{mde['seeds_for_2pp']} paired seeds. Ignoring the pairing (seed-to-seed SD of {vm} accuracy "
+                  f"{_num(un.get('seed_sd'))} pooled within arms, df {un.get('df')}) it would be "
+                  f"{_num(un.get('mde'))}."), ""]
     else:
         lines += [f"Power: {mde['note']}.", ""]
     if r["hacked_seeds"]:

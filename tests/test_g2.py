@@ -14,6 +14,7 @@ from mechreward.gates.g2 import (
     G2Protocol,
     hacked,
     min_detectable_difference,
+    paired_min_detectable_difference,
     summarise,
     two_level_ci,
     verdict,
@@ -113,6 +114,26 @@ def test_min_detectable_difference_matches_statsmodels():
     assert out["seed_sd"] == pytest.approx(sd) and out["df"] == 6
     assert out["mde"] == pytest.approx(es * sd, rel=1e-3)
     assert min_detectable_difference({"R0": [0.5], "R1": [0.6]})["mde"] is None
+
+
+def test_paired_min_detectable_difference_matches_statsmodels_and_the_two_level_ci():
+    from scipy.stats import norm
+    from statsmodels.stats.power import TTestPower
+
+    # arms that vary a lot from seed to seed but move together: the pairing removes the shared part
+    r0 = np.array([0.40, 0.48, 0.55, 0.44, 0.51, 0.46])
+    r1 = r0 + np.array([0.004, 0.010, 0.002, 0.008, 0.006, 0.001])
+    out = paired_min_detectable_difference(r1, r0, power=0.8)
+    d_sd = np.std(r1 - r0, ddof=1)
+    es = TTestPower().solve_power(nobs=6, alpha=0.05, power=0.8, alternative="two-sided")
+    assert out["diff_sd"] == pytest.approx(d_sd) and out["df"] == 5
+    assert out["mde"] == out["mde_seeds"] == pytest.approx(es * d_sd, rel=1e-3)
+    unpaired = min_detectable_difference({"R0": list(r0), "R1": list(r1)})["mde"]
+    assert out["mde"] < unpaired / 10  # the unpaired MDE is blurred by the shared seed effect
+    # a wider two-level CI (question noise) sets the MDE: (z_.975 + z_.8) · its SE
+    wide = paired_min_detectable_difference(r1, r0, two_level_ci95=[-0.02, 0.02])
+    assert wide["mde"] == wide["mde_two_level"] == pytest.approx((norm.ppf(0.975) + norm.ppf(0.8)) * 0.02 / norm.ppf(0.975))
+    assert paired_min_detectable_difference([0.5], [0.6])["mde"] is None
 
 
 def test_hacked_is_flagged_per_seed_even_when_the_seed_mean_hides_it():

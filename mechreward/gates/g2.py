@@ -25,8 +25,9 @@ Honest additions:
 - CIs: paired bootstrap over seeds, over questions (accuracy averaged over seeds), and a
   two-level bootstrap (seeds and questions resampled together) that carries both the
   seed-to-seed and the question/sampling noise; flags use the two-level CI.
-- The minimum detectable R1−R0 difference (MDE) at α = 0.05 (two-sided) and 80% power from
-  the seed-to-seed variance (pooled within-arm SD of per-seed accuracies, Student t).
+- The minimum detectable R1−R0 difference (MDE) at α = 0.05 (two-sided) and 80% power for the
+  paired design: the larger of a paired t-test's on the per-seed R1−R0 differences and the
+  two-level CI's; the unpaired MDE from the pooled within-arm SD is reported beside it.
 - HACKED per seed: a seed of an arm is hacked when its mech score on held-out completions rose
   while its held-out accuracy fell by more than `hack_acc_tolerance`; the report names the seeds.
 """
@@ -167,21 +168,11 @@ def two_level_ci(a, b=None, n_boot: int = 10000, seed: int = 0, level: float = 0
     return [float(lo), float(hi)]
 
 
-def min_detectable_difference(per_seed: dict[str, list[float]], power: float = 0.8, alpha: float = 0.05) -> dict:
-    """Smallest difference of two arms' mean accuracies (S seeds each) that a two-sided two-sample t-test at
-    `alpha` detects with probability `power`, from the seed-to-seed SD pooled within arms (df = Σ (S_arm − 1)):
-    the exact noncentral-t solution, MDE = δ with P(|T| > t_{1−α/2, df}) = power, T ~ nct(df, δ / (sd·√(2/S))).
-    Also the seeds per arm needed for the published 2pp margin at that SD (normal approximation)."""
+def _t_test_mde(sd: float, se: float, df: int, power: float, alpha: float) -> float:
+    """δ with P(|T| > t_{1−α/2, df}) = power for T ~ nct(df, δ / se): the exact noncentral-t solution."""
     from scipy.optimize import brentq
-    from scipy.stats import nct, norm, t
+    from scipy.stats import nct, t
 
-    groups = [np.asarray(v, dtype=float) for v in per_seed.values() if len(v) >= 2]
-    n_seeds = max((len(v) for v in per_seed.values()), default=0)
-    df = int(sum(len(g) - 1 for g in groups))
-    if df < 1:
-        return {"mde": None, "seed_sd": None, "df": 0, "n_seeds": n_seeds, "seeds_for_2pp": None,
-                "alpha": alpha, "power": power, "note": "one seed: no seed-to-seed variance, no MDE"}
-    sd = float(np.sqrt(sum(((g - g.mean()) ** 2).sum() for g in groups) / df))
     crit = t.ppf(1 - alpha / 2, df)
 
     def shortfall(nc: float) -> float:
@@ -190,12 +181,61 @@ def min_detectable_difference(per_seed: dict[str, list[float]], power: float = 0
     hi = 1.0
     while shortfall(hi) < 0:  # bracket the root (nct is NaN far out, so no fixed wide bracket)
         hi *= 2
-    nc = brentq(shortfall, 0.0, hi)
-    se = sd * np.sqrt(2.0 / n_seeds)
+    return float(brentq(shortfall, 0.0, hi) * se)
+
+
+def _seeds_for(sd: float, margin: float, power: float, alpha: float, groups: int) -> int:
+    """Seeds per arm for a t-test to detect `margin` at that SD (normal approximation); `groups` 2 for two
+    independent samples, 1 for paired differences."""
+    from scipy.stats import norm
+
     z = norm.ppf(1 - alpha / 2) + norm.ppf(power)
-    need = int(np.ceil(2 * (z * sd / EXCELLENT_R1_R0) ** 2)) if sd > 0 else 2
-    return {"mde": float(nc * se), "seed_sd": sd, "df": df, "n_seeds": n_seeds, "seeds_for_2pp": max(need, 2),
-            "alpha": alpha, "power": power}
+    return max(int(np.ceil(groups * (z * sd / margin) ** 2)), 2) if sd > 0 else 2
+
+
+def min_detectable_difference(per_seed: dict[str, list[float]], power: float = 0.8, alpha: float = 0.05) -> dict:
+    """Smallest difference of two arms' mean accuracies (S seeds each) that a two-sided two-sample t-test at
+    `alpha` detects with probability `power`, from the seed-to-seed SD pooled within arms (df = Σ (S_arm − 1)):
+    the exact noncentral-t solution, MDE = δ with P(|T| > t_{1−α/2, df}) = power, T ~ nct(df, δ / (sd·√(2/S))).
+    Also the seeds per arm needed for the published 2pp margin at that SD (normal approximation).
+    This ignores that G2's arms are paired by seed; `paired_min_detectable_difference` uses the pairing."""
+    groups = [np.asarray(v, dtype=float) for v in per_seed.values() if len(v) >= 2]
+    n_seeds = max((len(v) for v in per_seed.values()), default=0)
+    df = int(sum(len(g) - 1 for g in groups))
+    if df < 1:
+        return {"mde": None, "seed_sd": None, "df": 0, "n_seeds": n_seeds, "seeds_for_2pp": None,
+                "alpha": alpha, "power": power, "note": "one seed: no seed-to-seed variance, no MDE"}
+    sd = float(np.sqrt(sum(((g - g.mean()) ** 2).sum() for g in groups) / df))
+    mde = _t_test_mde(sd, sd * np.sqrt(2.0 / n_seeds), df, power, alpha)
+    return {"mde": mde, "seed_sd": sd, "df": df, "n_seeds": n_seeds,
+            "seeds_for_2pp": _seeds_for(sd, EXCELLENT_R1_R0, power, alpha, 2), "alpha": alpha, "power": power}
+
+
+def paired_min_detectable_difference(a: list[float], b: list[float], power: float = 0.8, alpha: float = 0.05,
+                                     two_level_ci95: list[float] | None = None) -> dict:
+    """Minimum detectable difference of arms `a` and `b`, which G2 pairs by seed (same seed, data order, starting
+    weights and held-out random stream): a paired t-test on the per-seed differences (df = S − 1, se = sd_d/√S,
+    exact noncentral t), and — when `two_level_ci95` is given — the difference the two-level bootstrap CI (which
+    also resamples questions and is the one G2's flags use) detects, (z_{1−α/2} + z_power) · its SE read off the CI
+    width. `mde` is the larger of the two, so it holds for whichever test decides; the unpaired, pooled-SD MDE
+    (`min_detectable_difference`) is reported beside it."""
+    from scipy.stats import norm
+
+    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    S = len(d)
+    if S < 2:
+        return {"mde": None, "design": "paired", "diff_sd": None, "df": 0, "n_seeds": S, "seeds_for_2pp": None,
+                "alpha": alpha, "power": power, "note": "one seed: no seed-to-seed variance, no MDE"}
+    sd = float(d.std(ddof=1))
+    seeds = _t_test_mde(sd, sd / np.sqrt(S), S - 1, power, alpha) if sd > 0 else 0.0
+    out = {"design": "paired", "mde_seeds": seeds, "diff_sd": sd, "df": S - 1, "n_seeds": S,
+           "seeds_for_2pp": _seeds_for(sd, EXCELLENT_R1_R0, power, alpha, 1), "alpha": alpha, "power": power}
+    z_a, z_b = norm.ppf(1 - alpha / 2), norm.ppf(power)
+    if two_level_ci95 is not None:
+        se = (two_level_ci95[1] - two_level_ci95[0]) / (2 * norm.ppf(0.975))
+        out["mde_two_level"] = float((z_a + z_b) * se)
+    out["mde"] = max(seeds, out.get("mde_two_level", 0.0))
+    return out
 
 
 def _delta(a: dict, b: dict, n_boot: int) -> dict:
@@ -279,7 +319,10 @@ def summarise(results: dict[str, list[dict]], before: dict, protocol: G2Protocol
     extra = {f"delta_r1_{a.lower()}": _delta(arms["R1"], arms[a], protocol.n_boot) for a in arm_names[3:]}
     r0_gain = arms["R0"]["gain"]
     no_learning = not r0_gain["ci95_two_level"][0] > 0
-    mde = min_detectable_difference({a: arms[a]["per_seed"] for a in arm_names}, protocol.power)
+    mde = paired_min_detectable_difference(arms["R1"]["per_seed"], arms["R0"]["per_seed"], protocol.power,
+                                           two_level_ci95=d10["ci95_two_level"])
+    mde["unpaired"] = min_detectable_difference({a: arms[a]["per_seed"] for a in arm_names}, protocol.power)
+    mde["seed_sd"] = mde["unpaired"]["seed_sd"]
     flags = []
     if no_learning:
         flags.append("NO_LEARNING")
