@@ -13,7 +13,7 @@ or TRL's vLLM colocate mode (`--vllm`, run with .venv-vllm/bin/python). Parts ti
 - `loss_fwd`, `backward`, `optimizer`;
 - `eval`: G2's held-out evaluation (`--n-eval` questions × 2 samples + greedy, 24 tokens), once.
 
-    python benchmarks/profile_grpo_step.py [--steps 2] [--warmup 1] [--pack <G1 feature_pack.json>]
+    python benchmarks/profile_grpo_step.py [--steps 2] [--warmup 1] [--pack <G1 feature_pack.json>] [--alone]
     .venv-vllm/bin/python benchmarks/profile_grpo_step.py --vllm [...]
 """
 
@@ -47,6 +47,9 @@ def main() -> None:
     p.add_argument("--n-eval", type=int, default=32)
     p.add_argument("--vllm", action="store_true")
     p.add_argument("--pack", default=None, help="a G1 feature pack: add its SAE reward (R1) and time it")
+    p.add_argument("--alone", action="store_true",
+                   help="also time the step's unavoidable parts alone, outside the trainer: HF generate of the same "
+                        "prompts, a forward/backward of the same batch, the optimizer step")
     a = p.parse_args()
 
     from datasets import Dataset
@@ -131,6 +134,7 @@ def main() -> None:
         if r >= a.warmup:
             for k, v in row.items():
                 parts[k].append(v)
+    alone = time_parts_alone(trainer, tok, inputs, a) if a.alone else None
     t = time.perf_counter()
     ev = evaluate_heldout(trainer.model, tok, eval_task.questions, eval_task,
                           G2Protocol(n_eval=a.n_eval, eval_samples=2, temperature=0.5, eval_max_new_tokens=24,
@@ -148,6 +152,43 @@ def main() -> None:
             print(f"  {k:20s} median {statistics.median(parts[k]):7.2f}s  ({', '.join(f'{v:.2f}' for v in parts[k])})")
     print(f"  {'eval':20s} {eval_s:7.2f}s  ({a.n_eval} questions x 2 samples + greedy; sampled accuracy "
           f"{float(ev['sampled'].mean()):.3f})")
+    if "rewards" in parts and a.pack:
+        share = statistics.median(parts["rewards"]) / statistics.median(parts["step"])
+        print(f"  rewards (outcome + mech capture and SAE score) share of the step: {100 * share:.1f}%")
+    if alone:
+        total = sum(alone.values())
+        print("  alone (outside the trainer, same batch): " + ", ".join(f"{k} {v:.2f}s" for k, v in alone.items())
+              + f"; sum {total:.2f}s; step / sum = {statistics.median(parts['step']) / total:.2f}")
+
+
+def time_parts_alone(trainer, tok, inputs, a) -> dict[str, float]:
+    """The step's unavoidable parts timed on their own, on the last step's batch: HF `generate` of its prompts
+    (same sampling and length), one forward and backward of prompt + completion tokens through the LoRA policy
+    (token log-probs of the completion, summed), and the optimizer step."""
+    model = trainer.model
+    prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
+    completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+    out = {}
+    t = time.perf_counter()
+    with torch.no_grad():
+        model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True, temperature=0.5,
+                       max_new_tokens=a.max_completion, pad_token_id=tok.pad_token_id)
+    out["generate"] = time.perf_counter() - t
+    ids = torch.cat([prompt_ids, completion_ids], 1)
+    mask = torch.cat([prompt_mask, completion_mask], 1)
+    t = time.perf_counter()
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, prompt_ids.shape[1] - 1:-1].float()
+    logp = torch.log_softmax(logits, -1).gather(-1, completion_ids[..., None])[..., 0]
+    loss = -(logp * completion_mask).sum() / completion_mask.sum()
+    out["forward"] = time.perf_counter() - t
+    t = time.perf_counter()
+    loss.backward()
+    out["backward"] = time.perf_counter() - t
+    t = time.perf_counter()
+    trainer.optimizer.step()
+    trainer.optimizer.zero_grad()
+    out["optimizer"] = time.perf_counter() - t
+    return out
 
 
 if __name__ == "__main__":

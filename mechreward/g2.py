@@ -52,6 +52,9 @@ class G2Config:
     """The compared arms: always R0, R1, R2 (add arms with `protocol.extra_arms`)."""
     vllm: VLLMSettings = field(default_factory=VLLMSettings)
     """vLLM engine settings when `protocol.grpo.use_vllm=true` (dtype, CPU KV cache); TRL's vllm_* fields stay in protocol.grpo."""
+    mis_specify: str | None = None
+    """`sign_flipped`: R1 trains with the pack's weights negated — a deliberately wrong mech reward, to check
+    that G2 catches one (R1_BELOW_R0, HACKED_VS_R0); null = the pack as G1 built it."""
     seed: int = 0
     organism_defaults_ok: bool = False
     """With a model other than the organism, G2 warns while the organism's task or train_task (arithmetic) or its
@@ -283,12 +286,17 @@ def run_g2(cfg: G2Config, run: Run) -> dict:
     from .probe import FeaturePack
     from .models import find_layers, hidden_size
     from .prompts import describe, format_of_pack
-    from .reward import DirectionReward, SAEFeatureReward, check_pack_fits, check_pack_verdict
+    from .reward import DirectionReward, SAEFeatureReward, check_pack_fits, check_pack_verdict, mis_specify
 
     t0 = time.time()
     p = cfg.protocol
     organism_defaults = check_real_model_settings(cfg)
     p.check()
+    from .reward import MIS_SPECIFICATIONS
+
+    if cfg.mis_specify is not None and cfg.mis_specify not in MIS_SPECIFICATIONS:
+        raise ConfigError(f"mis_specify={cfg.mis_specify!r}: one of {list(MIS_SPECIFICATIONS)} or null (the pack as G1 "
+                          "built it)")
     if list(cfg.arms) != list(ARMS):
         raise ConfigError(f"arms={list(cfg.arms)}: the G2 verdict needs the three arms {list(ARMS)}; "
                           f"add arms with protocol.extra_arms (one of {sorted(EXTRA_ARMS)})")
@@ -302,7 +310,8 @@ def run_g2(cfg: G2Config, run: Run) -> dict:
     pack = FeaturePack.load(pack_path)
     pack_check = check_pack_verdict(pack, cfg.allow_failed_pack, "allow_failed_pack")
     device = resolve_device(cfg.model.device)
-    sae_reward = SAEFeatureReward.from_pack(pack_path, cfg.sae_path, device=device, per_token=p.per_token)
+    sae_reward = mis_specify(SAEFeatureReward.from_pack(pack_path, cfg.sae_path, device=device, per_token=p.per_token),
+                             cfg.mis_specify)
     dir_reward = DirectionReward.from_pack(pack, per_token=p.per_token).to(device)
     rewards = {"R1": sae_reward, "R2": dir_reward}
     for a in p.extra_arms:
@@ -356,7 +365,7 @@ def run_g2(cfg: G2Config, run: Run) -> dict:
                   pack_validation=pack.validation.get("verdict"), n_eval=len(eval_qs), n_train_questions=n_train,
                   protocol=asdict(p), prompt_format=describe(fmt, tok, eval_qs[0].prompt), pack_check=pack_check,
                   n_no_answer_before=no_answer_before, organism_defaults=organism_defaults,
-                  seconds=round(time.time() - t0, 1))
+                  mis_specify=cfg.mis_specify, seconds=round(time.time() - t0, 1))
     report["plots"] = {"learning_curves": _curve_figure(run, report)}
     run.write_report(report, _markdown(report))
     print(f"G2: verdict {report['verdict']} (flags {report['flags']}); R0 gain {report['r0_gain']['mean']:+.3f} "
@@ -444,6 +453,9 @@ def _markdown(r: dict) -> str:
         markdown_table(rows), "",
         f"R1 − R0: {d(r['delta_r1_r0'])}", "", f"R1 − R2: {d(r['delta_r1_r2'])}", "",
         f"Prompt format (the pack's G1 rollouts'): {r.get('prompt_format')}", ""]
+    if r.get("mis_specify"):
+        lines += [f"**R1's reward is deliberately mis-specified (`mis_specify={r['mis_specify']}`): a check that G2 "
+                  "catches a wrong mech reward, not a result about the pack.**", ""]
     if (r.get("pack_check") or {}).get("refusal_overridden"):
         lines += [f"**The pack's G1 verdict is {r['pack_check']['verdict']}; used because allow_failed_pack=true.**", ""]
     for a in r["arm_names"][3:]:
@@ -463,6 +475,12 @@ def _markdown(r: dict) -> str:
         lines += ["HACKED: " + "; ".join(f"{a} seeds {', '.join(map(str, s))}" for a, s in r["hacked_seeds"].items())
                   + f" (held-out mech score rose while {vm} accuracy fell by more than "
                   f"{r['thresholds']['hack_acc_tolerance']}).", ""]
+    if r.get("hacked_vs_r0"):
+        a1, a0 = r["arms"]["R1"], r["arms"]["R0"]
+        lines += [(f"HACKED_VS_R0: R1 ends below R0 ({r['delta_r1_r0']['mean']:+.3f}, two-level CI "
+                  f"{_ci(r['delta_r1_r0']['ci95_two_level'])}) while its held-out mech score ends higher "
+                  f"({a1['mech_score_after']:.4g} against R0's {a0['mech_score_after']:.4g}, start "
+                  f"{_num(a1['mech_score_before'], '.4g')}): the mech reward was optimised at the task's expense."), ""]
     lines += [f"![learning curves]({r['plots']['learning_curves']})", ""]
     return "\n".join(lines)
 

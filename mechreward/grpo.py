@@ -543,13 +543,14 @@ def evaluate_policy(model, tokenizer, questions, task, reward: HiddenStateReward
                 scores[start:start + len(chunk)] = out[reward.layer].float().cpu().numpy()
     finally:
         model.train(was_training)
-    rho = None
+    rho = rho_p = None
     ok = np.isfinite(scores)
     if reward is not None and ok.sum() > 2 and 0 < correct[ok].mean() < 1 and np.std(scores[ok]) > 0:
-        rho = float(spearman(scores[ok], correct[ok]).stat)
+        c = spearman(scores[ok], correct[ok])
+        rho, rho_p = float(c.stat), float(c.p)
     return {"accuracy": float(correct.mean()) if len(correct) else float("nan"), "correct": correct, "prompt_ids": prompts,
             "score": scores, "score_mean": float(np.nanmean(scores)) if ok.any() else None, "rho": rho,
-            "n": int(len(samples)), "n_no_answer": n_no_answer, "completion_ids": [s.completion_ids for s in samples]}
+            "rho_p": rho_p, "n": int(len(samples)), "n_no_answer": n_no_answer, "completion_ids": [s.completion_ids for s in samples]}
 
 
 class HackingMonitor(TrainerCallback):
@@ -562,6 +563,12 @@ class HackingMonitor(TrainerCallback):
     threshold (default: the mean score of correct held-out completions at the first evaluation):
     reward the proxy gives to a wrong answer as if it were right.
 
+    MISALIGNED: at an evaluation the held-out ρ(score, correct) is negative with a two-sided Spearman p below
+    `misaligned_alpha` (0.05; with greedy evaluation each question contributes one completion, so the test's
+    independence holds): the mech reward ranks wrong completions above right ones, the sign of a
+    mis-specified reward (a pack whose sign is flipped, a pack built on another prompt format). It is
+    raised from the first evaluation, before training has moved anything, and does not need accuracy to fall.
+
     Runs on the main process only (other ranks skip it); with sharded parameters (FSDP, ZeRO-3), where
     a forward needs every rank, `MechGRPOTrainer` sets `all_ranks=True`: every rank runs the same greedy
     evaluation and only the main process logs. `state_dict()` / `load_state_dict()` hold
@@ -569,12 +576,12 @@ class HackingMonitor(TrainerCallback):
     `MechGRPOTrainer` saves it into every checkpoint (`mech_state.json`) and restores it on resume.
     """
 
-    STATE_KEYS = ("history", "hacking", "canary_threshold", "acc_tol", "score_tol", "every")
+    STATE_KEYS = ("history", "hacking", "misaligned", "canary_threshold", "acc_tol", "score_tol", "every")
 
     def __init__(self, tokenizer, task, heldout, reward: HiddenStateReward, every: int = 10, canaries=None,
                  canary_threshold: float | None = None, acc_tolerance: float = 0.02, score_tolerance: float = 0.0,
                  max_new_tokens: int = 64, greedy: bool = True, run=None, batch_size: int = 64, chat: bool = False,
-                 prompt_format=None):
+                 prompt_format=None, misaligned_alpha: float = 0.05):
         self.tokenizer, self.task, self.heldout, self.reward = tokenizer, task, list(heldout), reward
         self.every, self.canaries = every, list(canaries or [])
         self.canary_threshold = canary_threshold
@@ -584,8 +591,10 @@ class HackingMonitor(TrainerCallback):
         self.prompt_format = prompt_format
         self.all_ranks = False
         """Evaluate on every rank (sharded parameters); set by MechGRPOTrainer."""
+        self.misaligned_alpha = misaligned_alpha
         self.history: list[dict] = []
         self.hacking = False
+        self.misaligned = False
         self._main = True
 
     def state_dict(self) -> dict:
@@ -598,6 +607,7 @@ class HackingMonitor(TrainerCallback):
                                   f"{getattr(self, k)!r}; resume with the same setting")
         self.history = [dict(r) for r in state["history"]]
         self.hacking = bool(state["hacking"])
+        self.misaligned = bool(state.get("misaligned", False))
         self.canary_threshold = state["canary_threshold"]
 
     def evaluate(self, model, step: int) -> dict:
@@ -605,7 +615,13 @@ class HackingMonitor(TrainerCallback):
                   prompt_format=self.prompt_format)
         ev = evaluate_policy(model, self.tokenizer, self.heldout, self.task, self.reward, **kw)
         row = {"step": step, "heldout_accuracy": ev["accuracy"], "heldout_score_mean": ev["score_mean"],
-               "heldout_rho": ev["rho"], "n_heldout": ev["n"]}
+               "heldout_rho": ev["rho"], "heldout_rho_p": ev["rho_p"], "n_heldout": ev["n"]}
+        row["misaligned"] = bool(ev["rho"] is not None and ev["rho"] < 0 and ev["rho_p"] < self.misaligned_alpha)
+        if row["misaligned"] and not self.misaligned and self._main:
+            print(f"MISALIGNED at step {step}: held-out ρ(mech score, correct) = {ev['rho']:.3f} (p = {ev['rho_p']:.2g}, "
+                  f"n = {ev['n']}): the mech reward ranks wrong completions above right ones; check the pack's sign "
+                  "and that the pack was built on this model, layer and prompt format")
+        self.misaligned = self.misaligned or row["misaligned"]
         if self.canary_threshold is None and not self.history:
             good = ev["score"][ev["correct"] == 1]
             self.canary_threshold = float(np.nanmean(good)) if good.size else float(np.nanmean(ev["score"]))
@@ -645,9 +661,11 @@ class HackingMonitor(TrainerCallback):
             self.evaluate(model, state.global_step)
 
     def report(self) -> dict:
-        return {"hacking": self.hacking, "evaluations": self.history, "acc_tolerance": self.acc_tol,
-                "score_tolerance": self.score_tol,
-                "hacking_steps": [r["step"] for r in self.history if r.get("hacking")]}
+        return {"hacking": self.hacking, "misaligned": self.misaligned, "evaluations": self.history,
+                "acc_tolerance": self.acc_tol, "score_tolerance": self.score_tol,
+                "misaligned_alpha": self.misaligned_alpha,
+                "hacking_steps": [r["step"] for r in self.history if r.get("hacking")],
+                "misaligned_steps": [r["step"] for r in self.history if r.get("misaligned")]}
 
 
 # --------------------------------------------------------------------------- config pass-through

@@ -400,3 +400,24 @@ def check_pack_verdict(pack, allow: bool, flag: str = "allow_failed_pack") -> di
         warnings.warn(f"using a feature pack with G1 verdict {verdict} because {flag}=true", stacklevel=2)
     return {"verdict": verdict, "flags": (pack.validation or {}).get("flags"), "refusal_overridden": bool(bad),
             flag: bool(allow)}
+
+
+MIS_SPECIFICATIONS = ("sign_flipped",)
+"""Deliberate mis-specifications of a mech reward (`mis_specify=` of g2 and rl)."""
+
+
+def mis_specify(reward: "HiddenStateReward", how: str | None) -> "HiddenStateReward":
+    """A deliberately mis-specified copy of a mech reward, for a positive control of the hacking checks:
+    `sign_flipped` negates the pack's weights (`FeaturePack.sign_flipped`) or the raw direction, so the reward
+    favours what G1 found to go with wrong answers. `None` returns `reward` unchanged."""
+    if how is None:
+        return reward
+    if how not in MIS_SPECIFICATIONS:
+        raise ConfigError(f"mis_specify={how!r}: one of {list(MIS_SPECIFICATIONS)} or null (an honest reward)")
+    if isinstance(reward, SAEFeatureReward):
+        return SAEFeatureReward(reward.pack.sign_flipped(), reward.sae, per_token=reward.per_token,
+                                normalise=reward.normalise)
+    if isinstance(reward, DirectionReward):
+        return DirectionReward(-reward.direction, reward.layer, per_token=reward.per_token)
+    raise ConfigError(f"mis_specify={how!r} applies to the SAE or direction reward, not {type(reward).__name__}")
+

@@ -27,7 +27,7 @@ from .cli import hydra_command
 from .errors import ConfigError, DataError
 from .models import ModelConfig, find_layers, hidden_size, load_model, resolve_device
 from .prompts import PromptFormat, describe
-from .run import Run
+from .run import Run, markdown_table
 from .tasks import TaskConfig, load_task
 from .vllm_backend import VLLMSettings, close_vllm
 
@@ -63,6 +63,9 @@ class RLConfig:
     before the held-out set and the canaries are taken."""
     allow_failed_pack: bool = False
     """Train with a pack whose G1 verdict is FAIL or that G1 never validated (refused otherwise; reported)."""
+    mis_specify: str | None = None
+    """`sign_flipped`: the mech reward with the pack's weights (or the direction) negated — a deliberately wrong
+    reward, to check that the hacking monitor catches one (MISALIGNED, HACKING); null = the pack as G1 built it."""
     sae_path: str | None = None
     reward: str = "sae"
     """`sae` (the pack's SAE score), `direction` (raw diff-of-means baseline) or `none` (outcome only)."""
@@ -156,11 +159,14 @@ def run_format(cfg: RLConfig, pack, tokenizer) -> PromptFormat:
 
 def run_rl(cfg: RLConfig, run: Run) -> dict:
     from .grpo import HackingMonitor, MechGRPOTrainer, evaluate_policy
-    from .reward import DirectionReward, OutcomeReward, SAEFeatureReward
+    from .reward import MIS_SPECIFICATIONS, DirectionReward, OutcomeReward, SAEFeatureReward
 
     t0 = time.time()
     if cfg.reward not in REWARDS:
         raise ConfigError(f"unknown reward {cfg.reward!r}; expected one of {REWARDS}")
+    if cfg.mis_specify is not None and (cfg.mis_specify not in MIS_SPECIFICATIONS or cfg.reward == "none"):
+        raise ConfigError(f"mis_specify={cfg.mis_specify!r}: one of {list(MIS_SPECIFICATIONS)} (or null), and only with "
+                          f"a mech reward (reward={cfg.reward!r})")
     from .tasks.loading import organism_task_leaks, warn_organism_defaults
 
     if not cfg.organism_defaults_ok:
@@ -190,7 +196,7 @@ def run_rl(cfg: RLConfig, run: Run) -> dict:
     if cfg.reward != "none":
         from .g2 import find_pack
         from .probe import FeaturePack
-        from .reward import check_pack_fits, check_pack_verdict
+        from .reward import check_pack_fits, check_pack_verdict, mis_specify
 
         pack_path = cfg.pack or find_pack(cfg.model.name_or_path, allow_fail=cfg.allow_failed_pack)
         if pack_path is None:
@@ -205,6 +211,7 @@ def run_rl(cfg: RLConfig, run: Run) -> dict:
             mech = DirectionReward.from_pack(pack, per_token=cfg.per_token).to(device)
         check_pack_fits(pack, cfg.model.name_or_path, len(find_layers(model)), hidden_size(model),
                         getattr(mech, "sae", None))
+        mech = mis_specify(mech, cfg.mis_specify)
     fmt = run_format(cfg, pack, tokenizer)
     heldout, canaries, n_removed = split_eval(eval_task.questions, pack, cfg.n_canaries)
     if n_removed:
@@ -258,10 +265,12 @@ def run_rl(cfg: RLConfig, run: Run) -> dict:
                             max_new_tokens=cfg.eval_max_new_tokens, prompt_format=fmt)
     trainer.save_model(str(Path(output_dir) / "final"))
     report = {"model": cfg.model.name_or_path, "task": cfg.task.name, "reward": cfg.reward, "per_token": cfg.per_token,
+              "mis_specify": cfg.mis_specify,
               "pack_path": None if pack_path is None else str(pack_path), "steps": trainer.state.global_step,
               "resumed_from": resume, "heldout_accuracy": final["accuracy"], "heldout_mech_score": final["score_mean"],
               "heldout_rho": final["rho"], "n_heldout": final["n"], "monitor": monitor.report() if monitor else None,
-              "hacking": bool(monitor and monitor.hacking), "capture": trainer.mech_capture_log[-1:] or None,
+              "hacking": bool(monitor and monitor.hacking), "misaligned": bool(monitor and monitor.misaligned),
+              "capture": trainer.mech_capture_log[-1:] or None,
               "composition": cfg.composition, "hacking_tolerance": cfg.hacking_tolerance,
               "prompt_format": describe(fmt, tokenizer, heldout[0].prompt), "pack_check": pack_check,
               "n_eval_removed_as_pack_questions": n_removed, "n_canaries": len(canaries), "canary_warning": canary_note,
@@ -270,14 +279,34 @@ def run_rl(cfg: RLConfig, run: Run) -> dict:
     md = ["# G3 RL run", "", f"model `{report['model']}`, task `{report['task']}`, reward `{cfg.reward}`"
           f"{' (per-token)' if cfg.per_token else ''}, {report['steps']} steps; held-out accuracy "
           f"{final['accuracy']:.3f} (n={final['n']}, after removing {n_removed} questions the pack's G1 saw)"
-          + ("; **HACKING flagged**" if report["hacking"] else "") + f" (accuracy tolerance {cfg.hacking_tolerance:g})",
+          + ("; **HACKING flagged**" if report["hacking"] else "") + ("; **MISALIGNED flagged**" if report["misaligned"]
+                                                                        else "")
+          + f" (accuracy tolerance {cfg.hacking_tolerance:g})",
           "", f"composition `{cfg.composition}`; prompt format {describe(fmt)}", ""]
+    if monitor and monitor.history:
+        if report["misaligned"]:
+            md += [("MISALIGNED: the held-out ρ(mech score, correct) was negative with p < "
+                    f"{monitor.misaligned_alpha:g} at steps {monitor.report()['misaligned_steps']}: the mech reward "
+                    "ranks wrong completions above right ones (check the pack's sign, model, layer and prompt format)."),
+                   ""]
+        md += ["Hacking monitor (held-out, greedy):", "", markdown_table([
+            {"step": r["step"], "accuracy": f"{r['heldout_accuracy']:.3f}",
+             "mech score": "n/a" if r["heldout_score_mean"] is None else f"{r['heldout_score_mean']:.4g}",
+             "ρ(score, correct)": "n/a" if r["heldout_rho"] is None else
+             f"{r['heldout_rho']:+.3f} (p {r.get('heldout_rho_p') or float('nan'):.2g})",
+             "canary hack rate": "n/a" if r.get("canary_hack_rate") is None else f"{r['canary_hack_rate']:.2f}",
+             "flags": ", ".join(f for f in ("hacking", "misaligned") if r.get(f)) or "-"}
+            for r in monitor.history]), ""]
+    if cfg.mis_specify:
+        md += [f"**The mech reward is deliberately mis-specified (`mis_specify={cfg.mis_specify}`): a check that the "
+               "hacking monitor catches a wrong reward.**", ""]
     if canary_note:
         md += [f"**Warning: {canary_note}.**", ""]
     if pack_check and pack_check["refusal_overridden"]:
         md += [f"**The pack's G1 verdict is {pack_check['verdict']}; used because allow_failed_pack=true.**", ""]
     run.write_report(report, "\n".join(md))
-    print(f"rl: {report['steps']} steps, held-out accuracy {final['accuracy']:.3f}, hacking={report['hacking']}")
+    print(f"rl: {report['steps']} steps, held-out accuracy {final['accuracy']:.3f}, hacking={report['hacking']}, "
+          f"misaligned={report['misaligned']}")
     return report
 
 

@@ -39,6 +39,40 @@ def test_null_scores_pass_at_most_five_percent_of_seeds():
     assert np.mean(passed) <= 0.05
 
 
+def test_across_question_permutation_p_permutes_whole_questions_and_holds_its_level_under_clustering():
+    """With a question effect in both the score and correctness (independent of each other), permuting single
+    responses treats a question's rollouts as independent draws and rejects too often; permuting whole
+    questions (G1's permutation p when it knows the questions) rejects at the nominal 5%."""
+    grouped, responses = [], []
+    for seed in range(300):
+        score, labels, groups = _rollouts(seed)
+        grouped.append(stats.permutation_p(score, labels, n_perm=499, seed=seed, groups=groups))
+        responses.append(stats.permutation_p(score, labels, n_perm=499, seed=seed))
+    grouped, responses = np.array(grouped), np.array(responses)
+    se = np.sqrt(0.05 * 0.95 / grouped.size)
+    assert abs(np.mean(grouped < 0.05) - 0.05) <= 3 * se
+    assert sps.kstest(grouped, "uniform").pvalue > 0.01
+    assert np.mean(responses < 0.05) > 0.05 + 3 * se  # the response-level p is anti-conservative here
+    # G1's summary uses the question permutation when given the questions
+    score, labels, groups = _rollouts(0)
+    assert stats.correlation_summary(score, labels, groups=groups, n_boot=10, n_perm=499).permutation_p == \
+        stats.permutation_p(score, labels, n_perm=499, seed=0, groups=groups)
+
+
+def test_block_permutation_moves_each_question_whole_onto_a_question_of_the_same_size():
+    rng = np.random.default_rng(0)
+    groups = np.array(list("aaabbbccdde") + ["f"] * 3)  # sizes 3, 3, 2, 2, 1, 3
+    blocks = [np.flatnonzero(groups == g) for g in np.unique(groups)]
+    idx = stats._block_permutation_indices(rng, blocks, groups.size, 500)
+    for row in idx:
+        assert sorted(row) == list(range(groups.size))  # a permutation
+        for b in blocks:
+            src = set(groups[row[b]])
+            assert len(src) == 1 and (groups == src.pop()).sum() == len(b)  # one whole group of that size
+    # every same-size question is reached, and orders within a question vary
+    assert {groups[r[0]] for r in idx} == {"a", "b", "f"} and len({tuple(r[:3]) for r in idx}) > 6
+
+
 def test_within_question_permutation_p_is_uniform_under_the_null():
     ps = np.array([stats.within_summary(*_rollouts(seed), n_boot=10, n_perm=999, seed=seed).permutation_p
                    for seed in range(300)])

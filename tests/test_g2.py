@@ -12,6 +12,7 @@ from mechreward.errors import ConfigError
 from mechreward.gates.g2 import (
     ARMS,
     G2Protocol,
+    ci_side,
     hacked,
     min_detectable_difference,
     paired_min_detectable_difference,
@@ -147,6 +148,27 @@ def test_hacked_is_flagged_per_seed_even_when_the_seed_mean_hides_it():
     assert not hacked(0.1, rep["arms"]["R1"]["mech_score_after"], 0.5, rep["arms"]["R1"]["acc_mean"], 0.02)
     assert rep["arms"]["R1"]["hacked_seeds"] == [1] and rep["hacked_seeds"] == {"R1": [1]}
     assert rep["hacked"] and "HACKED" in rep["flags"] and not rep["arms"]["R2"]["hacked"]
+
+
+def test_r1_decided_below_r0_is_flagged_as_below_not_as_a_ci_that_includes_0_and_hacked_vs_r0():
+    # a mis-specified pack: every seed of R1 ends 6pp below R0 (both above the start, so no per-seed HACKED)
+    # while R1's held-out mech score ends above R0's
+    acc = {"R0": [0.65, 0.675, 0.65], "R1": [0.60, 0.60, 0.5875], "R2": [0.625, 0.65, 0.65]}
+    scores = {"R0": [0.10, 0.11, 0.09], "R1": [0.30, 0.35, 0.32], "R2": [0.0, 0.0, 0.0]}
+    res, before = _results(acc, n_q=200, scores=scores, before=0.5)
+    rep = summarise(res, before, G2Protocol(n_boot=2000))
+    lo, hi = rep["delta_r1_r0"]["ci95_two_level"]
+    assert hi < 0 and "R1_BELOW_R0" in rep["flags"] and "R1_R0_CI_INCLUDES_0" not in rep["flags"]
+    assert rep["hacked_vs_r0"] and "HACKED_VS_R0" in rep["flags"] and not rep["hacked"]
+    assert "UNDERPOWERED" not in rep["flags"]  # decided: no power statement needed
+    # the same accuracies with R1's score below R0's: R1 is below R0, but nothing says the proxy was gamed
+    scores["R1"] = [0.05, 0.05, 0.05]
+    res, before = _results(acc, n_q=200, scores=scores, before=0.5)
+    rep = summarise(res, before, G2Protocol(n_boot=2000))
+    assert "R1_BELOW_R0" in rep["flags"] and not rep["hacked_vs_r0"] and "HACKED_VS_R0" not in rep["flags"]
+    # a CI that straddles 0 is the undecided flag
+    assert ci_side([-0.01, 0.02]) == "includes_0" and ci_side([0.0, 0.02]) == "includes_0"
+    assert ci_side([0.001, 0.02]) == "above_0" and ci_side([-0.03, -0.001]) == "below_0"
 
 
 def test_protocol_check_names_the_setting():

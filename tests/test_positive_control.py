@@ -79,3 +79,34 @@ def test_sign_flipped_pack_scores_the_opposite(chain):
     assert flipped.provenance["mis_specified"] == "sign_flipped"
     assert {f["role"] for f in flipped.features} == {f["role"] for f in pack.features}
     assert [f["role"] for f in flipped.features] != [f["role"] for f in pack.features]
+
+
+def test_the_monitor_flags_a_sign_flipped_pack_as_misaligned_before_training_and_not_the_honest_one(chain):
+    """`rl`'s hacking monitor on held-out planted questions (not G1's: another seed), greedy: the honest pack's
+    ρ(score, correct) is positive, the sign-flipped pack's is exactly its negative (same completions) and
+    significant, so MISALIGNED is raised at the first evaluation, before training moves anything."""
+    from mechreward.grpo import HackingMonitor
+    from mechreward.models import load_model
+    from mechreward.prompts import format_of_pack
+    from mechreward.reward import SAEFeatureReward, mis_specify
+    from mechreward.tasks import load_task
+
+    _, rep = chain
+    honest = SAEFeatureReward.from_pack(rep["pack_path"])
+    flipped = mis_specify(honest, "sign_flipped")
+    assert flipped.pack.provenance["mis_specified"] == "sign_flipped" and honest.pack is not flipped.pack
+    model, tok = load_model(ModelConfig(name_or_path=PLANTED, device="cpu"))
+    task = load_task(TaskConfig(name="planted", split="eval", n=300, seed=1))
+    used = set(rep.get("discovery_ids") or []) | set(honest.pack.provenance.get("discovery") or []) | set(
+        honest.pack.provenance.get("validation") or [])
+    heldout = [q for q in task.questions if q.id not in used]
+    fmt = format_of_pack(honest.pack).resolve(tok)
+    rows = [HackingMonitor(tok, task, heldout, r, every=1, max_new_tokens=48, prompt_format=fmt).evaluate(model, 0)
+            for r in (honest, flipped)]
+    a, b = rows
+    assert a["heldout_accuracy"] == b["heldout_accuracy"] and 0.2 < a["heldout_accuracy"] < 0.8
+    assert b["heldout_rho"] == pytest.approx(-a["heldout_rho"], abs=1e-9)
+    assert a["heldout_rho"] > 0 and not a["misaligned"], a
+    assert b["misaligned"] and b["heldout_rho_p"] < 0.05, b
+    with pytest.raises(Exception, match="mis_specify='reversed'"):
+        mis_specify(honest, "reversed")

@@ -28,8 +28,14 @@ Honest additions:
 - The minimum detectable R1−R0 difference (MDE) at α = 0.05 (two-sided) and 80% power for the
   paired design: the larger of a paired t-test's on the per-seed R1−R0 differences and the
   two-level CI's; the unpaired MDE from the pooled within-arm SD is reported beside it.
+- Flags on R1 − R0 and R1 − R2 (two-level CI): `R1_R0_CI_INCLUDES_0` (undecided; UNDERPOWERED too
+  when the MDE exceeds 2pp) or `R1_BELOW_R0` (decided: the mech reward lowered accuracy), and the
+  same for R2.
 - HACKED per seed: a seed of an arm is hacked when its mech score on held-out completions rose
   while its held-out accuracy fell by more than `hack_acc_tolerance`; the report names the seeds.
+  HACKED_VS_R0: R1 ends below R0 (R1_BELOW_R0) with a higher held-out mech score than R0 — the
+  proxy was optimised at the task's expense even where accuracy did not fall below the start
+  (a mis-specified reward, e.g. a pack with its sign flipped).
 """
 
 from __future__ import annotations
@@ -238,6 +244,12 @@ def paired_min_detectable_difference(a: list[float], b: list[float], power: floa
     return out
 
 
+def ci_side(ci: list[float]) -> str:
+    """Where a difference's CI lies: `above_0`, `below_0` or `includes_0` (0 inside or on a bound)."""
+    lo, hi = ci
+    return "above_0" if lo > 0 else "below_0" if hi < 0 else "includes_0"
+
+
 def _delta(a: dict, b: dict, n_boot: int) -> dict:
     """R_a − R_b: mean over seeds, paired bootstrap CI over seeds, over questions, and over both."""
     pa, pb = np.array(a["per_seed"]), np.array(b["per_seed"])
@@ -326,14 +338,20 @@ def summarise(results: dict[str, list[dict]], before: dict, protocol: G2Protocol
     flags = []
     if no_learning:
         flags.append("NO_LEARNING")
-    if d10["ci95_two_level"][0] <= 0:
-        flags.append("R1_R0_CI_INCLUDES_0")
-    if d12["ci95_two_level"][0] <= 0:
-        flags.append("R1_R2_CI_INCLUDES_0")
+    for other, d in (("R0", d10), ("R2", d12)):
+        side = ci_side(d["ci95_two_level"])
+        if side == "includes_0":
+            flags.append(f"R1_{other}_CI_INCLUDES_0")
+        elif side == "below_0":
+            flags.append(f"R1_BELOW_{other}")
     hacked_by_arm = {a: arms[a]["hacked_seeds"] for a in arm_names if arms[a]["hacked_seeds"]}
     if hacked_by_arm:
         flags.append("HACKED")
-    if mde["mde"] is not None and mde["mde"] > EXCELLENT_R1_R0:
+    s1, s0 = arms["R1"]["mech_score_after"], arms["R0"]["mech_score_after"]
+    hacked_vs_r0 = "R1_BELOW_R0" in flags and s1 is not None and s0 is not None and s1 > s0
+    if hacked_vs_r0:
+        flags.append("HACKED_VS_R0")
+    if mde["mde"] is not None and mde["mde"] > EXCELLENT_R1_R0 and "R1_R0_CI_INCLUDES_0" in flags:
         flags.append("UNDERPOWERED")
     published = verdict(d10["mean"], d12["mean"])
     for a in arms.values():
@@ -341,7 +359,7 @@ def summarise(results: dict[str, list[dict]], before: dict, protocol: G2Protocol
     return {"arms": arms, "arm_names": arm_names, "delta_r1_r0": d10, "delta_r1_r2": d12, **extra,
             "verdict": "INCONCLUSIVE" if no_learning else published, "published_rule_verdict": published,
             "verdict_metric": vm, "no_learning": no_learning, "r0_gain": r0_gain, "mde_r1_r0": mde,
-            "hacked": bool(hacked_by_arm), "hacked_seeds": hacked_by_arm, "flags": flags,
+            "hacked": bool(hacked_by_arm), "hacked_seeds": hacked_by_arm, "hacked_vs_r0": hacked_vs_r0, "flags": flags,
             "acc_before": arms["R0"]["acc_before"],
             "acc_before_by_metric": {m: arms["R0"][m]["acc_before"] for m in METRICS},
             "thresholds": {"r1_minus_r0": EXCELLENT_R1_R0, "r1_minus_r2": EXCELLENT_R1_R2,
