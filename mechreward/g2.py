@@ -25,7 +25,7 @@ from .gates.g2 import ARMS, EXTRA_ARMS, G2Protocol, summarise
 from .models import ModelConfig, load_model, resolve_device
 from .run import Run, markdown_table
 from .tasks import TaskConfig, load_task
-from .vllm_backend import VLLMSettings, close_vllm
+from .vllm_backend import VLLMSettings, close_vllm, synced_llm
 
 
 @dataclass
@@ -128,23 +128,24 @@ def _dataset(questions):
 
 
 def evaluate_heldout(model, tokenizer, eval_qs, task, p: G2Protocol, reward=None, greedy: bool = True,
-                     prompt_format=None) -> dict:
+                     prompt_format=None, llm=None) -> dict:
     """Held-out accuracy as GRPO changes it: per question, the mean correct over `eval_samples` completions
     sampled at the training temperature (seed `eval_seed`, the same for every arm and seed), and, with
     `greedy`, greedy correctness. `score_mean`: `reward`'s mean score on the sampled completions; `n_no_answer`:
-    sampled completions with no extractable answer. Prompts: `prompt_format` (the pack's G1 format)."""
+    sampled completions with no extractable answer. Prompts: `prompt_format` (the pack's G1 format). `llm`: generate
+    with that vLLM engine (holding `model`'s weights) instead of HF `generate`."""
     from .grpo import evaluate_policy
 
     k = p.eval_samples
     ev = evaluate_policy(model, tokenizer, eval_qs, task, reward, n=k, greedy=False, temperature=p.temperature,
                          max_new_tokens=p.eval_max_new_tokens, seed=p.eval_seed, batch_size=p.eval_batch_size,
-                         prompt_format=prompt_format)
+                         prompt_format=prompt_format, llm=llm)
     out = {"sampled": ev["correct"].reshape(len(eval_qs), k).mean(1), "score_mean": ev["score_mean"],
            "n_no_answer": ev["n_no_answer"]}
     ids = [ev["prompt_ids"], ev["completion_ids"]]
     if greedy:
         gr = evaluate_policy(model, tokenizer, eval_qs, task, None, greedy=True, max_new_tokens=p.eval_max_new_tokens,
-                             batch_size=p.eval_batch_size, prompt_format=prompt_format)
+                             batch_size=p.eval_batch_size, prompt_format=prompt_format, llm=llm)
         out["greedy"] = gr["correct"]
         ids.append(gr["completion_ids"])
     out["digest"] = _digest(ids)
@@ -160,16 +161,18 @@ def _digest(ids) -> str:
     return hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:16]
 
 
-def _curve_callback(tokenizer, eval_qs, task, p: G2Protocol, curve: list, log, *, prompt_format):
+def _curve_callback(tokenizer, eval_qs, task, p: G2Protocol, curve: list, log, *, prompt_format, llm_source=None):
     """Held-out sampled and greedy accuracy every `eval_every` steps (appended to `curve`, logged), on the prompts
     of `prompt_format` (the pack's G1 format, as before and after training; required: without it the prompts
-    would lose the chat template)."""
+    would lose the chat template). `llm_source()`: the vLLM engine to generate with, its weights synced to the
+    policy (`protocol.eval_engine=vllm`); None = HF `generate`."""
     from transformers import TrainerCallback
 
     class HeldoutCurve(TrainerCallback):
         def on_step_end(self, args, state, control, model=None, **kwargs):
             if p.eval_every and state.global_step % p.eval_every == 0 and state.global_step < state.max_steps:
-                ev = evaluate_heldout(model, tokenizer, eval_qs, task, p, prompt_format=prompt_format)
+                llm = llm_source() if llm_source is not None else None
+                ev = evaluate_heldout(model, tokenizer, eval_qs, task, p, prompt_format=prompt_format, llm=llm)
                 pt = {"step": state.global_step, "sampled": float(ev["sampled"].mean()),
                       "greedy": float(ev["greedy"].mean()), "digest": ev["digest"]}
                 curve.append(pt)
@@ -220,22 +223,27 @@ def run_arm(arm: str, seed: int, cfg: G2Config, task, train_qs, eval_qs, rewards
         kw["peft_config"] = LoraConfig(r=p.lora_r, lora_alpha=p.lora_alpha, target_modules=p.lora_target_modules,
                                        lora_dropout=0.0, task_type="CAUSAL_LM")
     curve: list[dict] = []
+    held: dict = {}
+    llm_source = (lambda: synced_llm(held["trainer"])) if p.eval_engine == "vllm" else None
     cb = _curve_callback(tokenizer, eval_qs, task, p, curve,
-                         lambda pt: log and log(kind="curve", arm=arm, seed=seed, **pt), prompt_format=prompt_format)
+                         lambda pt: log and log(kind="curve", arm=arm, seed=seed, **pt), prompt_format=prompt_format,
+                         llm_source=llm_source)
     trainer = MechGRPOTrainer(model, reward_funcs=funcs, args=args, train_dataset=_dataset(train_qs),
                               processing_class=tokenizer, mech_lambda=p.lam, callbacks=[cb],
                               prompt_format=prompt_format, vllm_settings=cfg.vllm, **kw)
+    held["trainer"] = trainer
     if hasattr(mech, "bind"):
         mech.bind(trainer)
     init_sha = weights_sha(trainer.model)
+    score_reward = mech if hasattr(mech, "token_values") else (rewards.get("R1") if arm == "R0" else None)
     try:
         trainer.train()
+        ev = evaluate_heldout(trainer.model, tokenizer, eval_qs, task, p, score_reward, prompt_format=prompt_format,
+                              llm=None if llm_source is None else llm_source())
     finally:
         close_vllm(trainer)  # before the next arm starts its own engine (and with it, the same process group)
     history = trainer.state.log_history
     corr = [r[k] for r in history for k in r if k.endswith("_outcome_corr")]
-    score_reward = mech if hasattr(mech, "token_values") else (rewards.get("R1") if arm == "R0" else None)
-    ev = evaluate_heldout(trainer.model, tokenizer, eval_qs, task, p, score_reward, prompt_format=prompt_format)
     final = {"step": p.steps, "sampled": float(ev["sampled"].mean()), "greedy": float(ev["greedy"].mean()),
              "digest": ev["digest"]}
     curve.append(final)
@@ -360,6 +368,11 @@ def run_g2(cfg: G2Config, run: Run) -> dict:
                     mech_outcome_corr=res["mech_outcome_corr"], seconds=res["seconds"])
             print(f"G2: {arm} seed {seed}: held-out accuracy sampled {np.mean(res['sampled']):.3f}, "
                   f"greedy {np.mean(res['greedy']):.3f} ({res['seconds']}s)")
+    from .io import write_json
+
+    # every arm's and seed's per-question held-out results: `summarise(results, before, protocol)` rebuilds the
+    # statistics from them without training again
+    write_json(run.path("results.json"), {"results": results, "before": before, "protocol": asdict(p)})
     report = summarise(results, before, p)
     report.update(pack_path=str(pack_path), model=cfg.model.name_or_path, layer=pack.layer,
                   pack_validation=pack.validation.get("verdict"), n_eval=len(eval_qs), n_train_questions=n_train,

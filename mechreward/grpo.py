@@ -500,11 +500,13 @@ class MechGRPOTrainer(GRPOTrainer):
 @torch.no_grad()
 def evaluate_policy(model, tokenizer, questions, task, reward: HiddenStateReward | None = None, n: int = 1,
                     greedy: bool = True, max_new_tokens: int = 64, batch_size: int = 64, seed: int = 0,
-                    temperature: float = 1.0, chat: bool = False, prompt_format=None) -> dict:
+                    temperature: float = 1.0, chat: bool = False, prompt_format=None, llm=None) -> dict:
     """Sample on `questions`, grade, and score each completion with `reward` on the exact sampled ids.
 
     Prompts: `prompt_format` (a `mechreward.prompts.PromptFormat`; None = the bare `chat` on/off), tokenised by
-    `encode_prompt` as in G1 and in `MechGRPOTrainer`.
+    `encode_prompt` as in G1 and in `MechGRPOTrainer`. Generation: HF `generate` on `model`, or, with `llm`, that
+    vLLM engine (e.g. TRL colocate's, holding `model`'s synced weights; `mechreward.rollouts.sample_with_llm`);
+    the mech score is always the teacher-forced pass through `model`.
     Returns accuracy, the `prompt_ids` fed, the `completion_ids` generated, per-completion `correct [R]` and `score [R]` (trajectory mech score,
     teacher-forced right-padded pass with early exit at the reward's layer), their means and Spearman ρ (None if
     undefined).
@@ -517,8 +519,14 @@ def evaluate_policy(model, tokenizer, questions, task, reward: HiddenStateReward
     model.eval()
     try:
         prompts = prompt_ids(tokenizer, questions, chat if prompt_format is None else prompt_format)  # as G1
-        samples = sample(model, tokenizer, prompts, n=n, greedy=greedy, temperature=temperature,
-                         max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)
+        if llm is None:
+            samples = sample(model, tokenizer, prompts, n=n, greedy=greedy, temperature=temperature,
+                             max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)
+        else:
+            from .rollouts import sample_with_llm
+
+            samples = sample_with_llm(llm, tokenizer, prompts, n=n, greedy=greedy, temperature=temperature,
+                                      max_new_tokens=max_new_tokens, seed=seed)
         correct = np.array([task.verify(s.text, questions[s.prompt_index].answer) for s in samples], dtype=float)
         n_no_answer = int(sum(task.safe_extract(s.text) is None for s in samples))
         scores = np.full(len(samples), np.nan)
@@ -550,7 +558,8 @@ def evaluate_policy(model, tokenizer, questions, task, reward: HiddenStateReward
         rho, rho_p = float(c.stat), float(c.p)
     return {"accuracy": float(correct.mean()) if len(correct) else float("nan"), "correct": correct, "prompt_ids": prompts,
             "score": scores, "score_mean": float(np.nanmean(scores)) if ok.any() else None, "rho": rho,
-            "rho_p": rho_p, "n": int(len(samples)), "n_no_answer": n_no_answer, "completion_ids": [s.completion_ids for s in samples]}
+            "rho_p": rho_p, "n": int(len(samples)), "n_no_answer": n_no_answer,
+            "completion_ids": [s.completion_ids for s in samples]}
 
 
 class HackingMonitor(TrainerCallback):
@@ -581,7 +590,7 @@ class HackingMonitor(TrainerCallback):
     def __init__(self, tokenizer, task, heldout, reward: HiddenStateReward, every: int = 10, canaries=None,
                  canary_threshold: float | None = None, acc_tolerance: float = 0.02, score_tolerance: float = 0.0,
                  max_new_tokens: int = 64, greedy: bool = True, run=None, batch_size: int = 64, chat: bool = False,
-                 prompt_format=None, misaligned_alpha: float = 0.05):
+                 prompt_format=None, misaligned_alpha: float = 0.05, llm_source=None):
         self.tokenizer, self.task, self.heldout, self.reward = tokenizer, task, list(heldout), reward
         self.every, self.canaries = every, list(canaries or [])
         self.canary_threshold = canary_threshold
@@ -592,6 +601,8 @@ class HackingMonitor(TrainerCallback):
         self.all_ranks = False
         """Evaluate on every rank (sharded parameters); set by MechGRPOTrainer."""
         self.misaligned_alpha = misaligned_alpha
+        self.llm_source = llm_source
+        """() → a vLLM engine holding the policy's weights (`vllm_backend.synced_llm`) to generate with; None = HF."""
         self.history: list[dict] = []
         self.hacking = False
         self.misaligned = False
@@ -612,7 +623,7 @@ class HackingMonitor(TrainerCallback):
 
     def evaluate(self, model, step: int) -> dict:
         kw = dict(greedy=self.greedy, max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, chat=self.chat,
-                  prompt_format=self.prompt_format)
+                  prompt_format=self.prompt_format, llm=self.llm_source() if self.llm_source is not None else None)
         ev = evaluate_policy(model, self.tokenizer, self.heldout, self.task, self.reward, **kw)
         row = {"step": step, "heldout_accuracy": ev["accuracy"], "heldout_score_mean": ev["score_mean"],
                "heldout_rho": ev["rho"], "heldout_rho_p": ev["rho_p"], "n_heldout": ev["n"]}

@@ -29,7 +29,7 @@ from .models import ModelConfig, find_layers, hidden_size, load_model, resolve_d
 from .prompts import PromptFormat, describe
 from .run import Run, markdown_table
 from .tasks import TaskConfig, load_task
-from .vllm_backend import VLLMSettings, close_vllm
+from .vllm_backend import VLLMSettings, close_vllm, synced_llm
 
 REWARDS = ("sae", "direction", "none")
 
@@ -95,6 +95,9 @@ class RLConfig:
     eval_every: int = 10
     """Monitor every N steps (0 = never)."""
     eval_max_new_tokens: int = 64
+    eval_engine: str = "hf"
+    """What generates the monitor's and the final held-out completions: `hf` (HF `generate`) or `vllm` (TRL
+    colocate's engine, its weights synced first; needs grpo.use_vllm=true, vllm_mode=colocate)."""
     output_dir: str | None = None
     """Checkpoints; null = `<run dir>/checkpoints`."""
     resume: bool = False
@@ -164,6 +167,11 @@ def run_rl(cfg: RLConfig, run: Run) -> dict:
     t0 = time.time()
     if cfg.reward not in REWARDS:
         raise ConfigError(f"unknown reward {cfg.reward!r}; expected one of {REWARDS}")
+    if cfg.eval_engine not in ("hf", "vllm"):
+        raise ConfigError(f"eval_engine={cfg.eval_engine!r}; expected 'hf' or 'vllm'")
+    if cfg.eval_engine == "vllm" and not (cfg.grpo.get("use_vllm") and cfg.grpo.get("vllm_mode", "colocate") == "colocate"):
+        raise ConfigError("eval_engine=vllm evaluates with the vLLM engine of TRL's colocate mode: set grpo.use_vllm=true "
+                          "and grpo.vllm_mode=colocate, or eval_engine=hf")
     if cfg.mis_specify is not None and (cfg.mis_specify not in MIS_SPECIFICATIONS or cfg.reward == "none"):
         raise ConfigError(f"mis_specify={cfg.mis_specify!r}: one of {list(MIS_SPECIFICATIONS)} (or null), and only with "
                           f"a mech reward (reward={cfg.reward!r})")
@@ -247,6 +255,9 @@ def run_rl(cfg: RLConfig, run: Run) -> dict:
                               mech_lambda=[cfg.lam, cfg.lam if cfg.lam_end is None else cfg.lam_end],
                               beta_schedule=beta_schedule, composition=cfg.composition, prompt_format=fmt,
                               vllm_settings=cfg.vllm)
+    llm_source = (lambda: synced_llm(trainer)) if cfg.eval_engine == "vllm" else None
+    if monitor is not None:
+        monitor.llm_source = llm_source
     resume = None
     if cfg.resume:
         from transformers.trainer_utils import get_last_checkpoint
@@ -257,12 +268,13 @@ def run_rl(cfg: RLConfig, run: Run) -> dict:
         print(f"rl: resuming from {resume}")
     try:
         trainer.train(resume_from_checkpoint=resume)
+        final = evaluate_policy(trainer.model, tokenizer, heldout, eval_task, mech, greedy=True,
+                                max_new_tokens=cfg.eval_max_new_tokens, prompt_format=fmt,
+                                llm=None if llm_source is None else llm_source())
     finally:
         close_vllm(trainer)  # a colocate engine is torn down now, not at exit after the process group is gone
     for row in trainer.state.log_history:
         run.log(int(row.get("step", 0)), **{k: v for k, v in row.items() if k != "step"})
-    final = evaluate_policy(trainer.model, tokenizer, heldout, eval_task, mech, greedy=True,
-                            max_new_tokens=cfg.eval_max_new_tokens, prompt_format=fmt)
     trainer.save_model(str(Path(output_dir) / "final"))
     report = {"model": cfg.model.name_or_path, "task": cfg.task.name, "reward": cfg.reward, "per_token": cfg.per_token,
               "mis_specify": cfg.mis_specify,

@@ -234,9 +234,6 @@ def _sample_vllm(model_cfg: ModelConfig, tokenizer, prompts: list[list[int]], cf
     from .vllm_backend import build_llm, import_vllm, served_dtype
 
     import_vllm()
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
     global _VLLM
     path = resolve_model_path(model_cfg.name_or_path)
     key = (path, served_dtype(cfg.vllm.dtype, model_cfg.dtype, path), repr(cfg.vllm), model_cfg.revision)
@@ -245,11 +242,21 @@ def _sample_vllm(model_cfg: ModelConfig, tokenizer, prompts: list[list[int]], cf
         llm = build_llm(path, cfg.vllm, model_cfg.dtype, seed=seed, trust_remote_code=model_cfg.trust_remote_code,
                         revision=model_cfg.revision)
         _VLLM = (key, llm)
-    llm = _VLLM[1]
+    return sample_with_llm(_VLLM[1], tokenizer, prompts, n=cfg.n, greedy=cfg.greedy, temperature=cfg.temperature,
+                           top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, seed=seed)
+
+
+def sample_with_llm(llm, tokenizer, prompts: list[list[int]], n: int = 1, greedy: bool = False,
+                    temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 96, seed: int = 0) -> list[Sample]:
+    """`n` completions per prompt (token ids) from a running vLLM engine `llm` (`vllm.LLM`: ours, or the one TRL's
+    colocate mode holds with the policy's synced weights), as `generate.sample` returns them: the sampled ids
+    themselves (EOS included, never re-tokenised) and their raw log-probs. `seed` seeds vLLM's sampler."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
     # logprobs=0: the sampled token's log-prob, of the raw (untempered) distribution as `generate.sample` keeps.
-    params = SamplingParams(n=cfg.n, temperature=0.0 if cfg.greedy else cfg.temperature,
-                            top_p=1.0 if cfg.greedy else cfg.top_p, top_k=0, max_tokens=cfg.max_new_tokens,
-                            logprobs=0, seed=seed)
+    params = SamplingParams(n=n, temperature=0.0 if greedy else temperature, top_p=1.0 if greedy else top_p, top_k=0,
+                            max_tokens=max_new_tokens, logprobs=0, seed=seed)
     outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
     samples = []
     for i, out in enumerate(outs):

@@ -345,6 +345,18 @@ def trl_vllm_compat(trainer, settings: VLLMSettings | None = None) -> Iterator[N
         trainer.vllm_compat = "cpu-server"
 
 
+def synced_llm(trainer):
+    """The vLLM engine of a trainer in TRL's colocate mode, its weights synced to the policy now (the merged LoRA
+    or the trained parameters), for evaluating the policy through the engine that generates its rollouts.
+    ConfigError when the trainer holds no in-process engine (no use_vllm, or server mode)."""
+    vg = getattr(trainer, "vllm_generation", None)
+    if vg is None or getattr(vg, "llm", None) is None:
+        raise ConfigError("evaluation with the vLLM engine needs TRL's colocate mode (grpo.use_vllm=true, "
+                          "vllm_mode=colocate); this trainer holds no in-process engine")
+    vg.sync_weights()
+    return vg.llm
+
+
 def close_vllm(trainer) -> bool:
     """Shut a trainer's in-process (colocate) vLLM engine down now; True if there was one.
 

@@ -174,9 +174,12 @@ def test_r1_decided_below_r0_is_flagged_as_below_not_as_a_ci_that_includes_0_and
 def test_protocol_check_names_the_setting():
     for kw, name in [({"adapter": "qlora"}, "protocol.adapter"), ({"verdict_metric": "mean"}, "verdict_metric"),
                      ({"extra_arms": ["R9"]}, "extra_arms"), ({"eval_samples": 0}, "eval_samples"),
-                     ({"seeds": [1, 1]}, "seeds")]:
+                     ({"seeds": [1, 1]}, "seeds"), ({"eval_engine": "sglang"}, "eval_engine"),
+                     ({"eval_engine": "vllm"}, "protocol.grpo.use_vllm=true"),
+                     ({"eval_engine": "vllm", "grpo": {"use_vllm": True, "vllm_mode": "server"}}, "vllm_mode=colocate")]:
         with pytest.raises(ConfigError, match=name):
             G2Protocol(**kw).check()
+    G2Protocol(eval_engine="vllm", grpo={"use_vllm": True}).check()  # colocate is TRL's default mode
 
 
 def _tiny_setup(tmp_path):
@@ -246,6 +249,10 @@ def test_g2_command_trains_each_arm_with_its_reward_and_flags_no_learning_at_lr_
         assert rep["arms"][arm]["gain"]["per_seed"] == pytest.approx([0.0, 0.0])
     assert rep["no_learning"] and "NO_LEARNING" in rep["flags"] and rep["verdict"] == "INCONCLUSIVE"
     assert rep["mde_r1_r0"]["n_seeds"] == 2
+    # results.json rebuilds the statistics without training again
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    again = summarise(saved["results"], saved["before"], G2Protocol(**saved["protocol"]))
+    assert again["delta_r1_r0"] == rep["delta_r1_r0"] and again["flags"] == rep["flags"]
     curve_rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r.get("kind") == "curve"]
     assert {(r["arm"], r["seed"], r["step"]) for r in curve_rows} == {
         (a, s, t) for a in rep["arm_names"] for s in (0, 1) for t in (0, 1, 2)}

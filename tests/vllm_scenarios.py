@@ -283,6 +283,102 @@ def grpo(work: Path, p: dict) -> dict:
     return results
 
 
+# --------------------------------------------------------------------------- GRPO on SmolLM2 (a real model)
+
+def smollm2_grpo(work: Path, p: dict) -> dict:
+    """G2's path on SmolLM2-135M-Instruct at small size: TRL colocate + LoRA, the look-up task with the chat
+    template, an SAE reward at layer 15 (a random TopK SAE: the capture check needs no trained one), G2's mid-run
+    held-out curve point after step 1, vLLM vs HF log-probs of the policy at every generation and after the last
+    step."""
+    from datasets import Dataset
+    from peft import LoraConfig
+
+    from mechreward.g2 import _curve_callback, evaluate_heldout
+    from mechreward.gates.g2 import G2Protocol
+    from mechreward.grpo import HackingMonitor, MechGRPOTrainer, evaluate_policy, grpo_config
+    from mechreward.models import load_model
+    from mechreward.probe import FeaturePack
+    from mechreward.prompts import PromptFormat, encode_prompt
+    from mechreward.reward import OutcomeReward, SAEFeatureReward
+    from mechreward.rollouts import sae_reference
+    from mechreward.sae import SAEConfig, SparseAutoencoder
+    from mechreward.tasks import TaskConfig, load_task
+    from mechreward.vllm_backend import close_vllm, synced_llm
+
+    name, layer, steps = "smollm2-135m-instruct", 15, p.get("steps", 2)
+    initial, tok = load_model(name, device="cpu")
+    model, _ = load_model(name, device="cpu")
+    torch.manual_seed(0)
+    sae = SparseAutoencoder.from_config(SAEConfig(initial.config.hidden_size, 1024, 16,
+                                                  metadata={"layer": layer, "model": name}))
+    feats = [{"index": i, "weight": (-1.0) ** i} for i in range(0, 20 * 7, 7)]
+    pack = FeaturePack(model=name, layer=layer, hook=f"model.layers.{layer}", sae=sae_reference(sae), features=feats,
+                       normalisation={"mean": 0.0, "std": 1.0})
+    mech = SAEFeatureReward(pack, sae)
+    fmt = PromptFormat(chat_template=True).resolve(tok)
+    task = load_task(TaskConfig(name="lookup", split="train", n=16))
+    eval_task = load_task(TaskConfig(name="lookup", split="eval", n=16))
+    ds = Dataset.from_list([{"prompt": q.prompt, "answer": q.answer} for q in task.questions])
+    proto = G2Protocol(n_eval=16, eval_samples=2, temperature=0.5, eval_max_new_tokens=24, eval_every=1,
+                       eval_batch_size=32)
+    curve: list[dict] = []
+    curve_hf: list[dict] = []
+    held: list = []
+    args = grpo_config(dict(output_dir=str(work / "out"), per_device_train_batch_size=8, num_generations=4,
+                            max_steps=steps, learning_rate=p.get("lr", 1e-3), beta=0.0, max_completion_length=24,
+                            temperature=0.5, report_to="none", save_strategy="no", logging_steps=1, use_cpu=True,
+                            bf16=False, seed=0, use_vllm=True, vllm_mode="colocate", vllm_max_model_length=512))
+    trainer = MechGRPOTrainer(model, reward_funcs=[OutcomeReward(task), mech], args=args, train_dataset=ds,
+                              processing_class=tok, prompt_format=fmt,
+                              peft_config=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"),
+                              callbacks=[_curve_callback(tok, eval_task.questions, eval_task, proto, curve, lambda pt: None,
+                                                         prompt_format=fmt, llm_source=lambda: synced_llm(held[0])),
+                                         _curve_callback(tok, eval_task.questions, eval_task, proto, curve_hf,
+                                                         lambda pt: None, prompt_format=fmt)])
+    held.append(trainer)
+    log = _instrument(trainer, mech, layer, initial)
+    trainer.train()
+    # the trained policy through both engines: greedy completions, and sampled accuracy (4 samples per question)
+    qs = eval_task.questions
+    kw = dict(max_new_tokens=24, prompt_format=fmt, temperature=0.5, seed=7)
+    engines = {"hf": None, "vllm": synced_llm(trainer)}
+    greedy = {k: evaluate_policy(trainer.model, tok, qs, eval_task, greedy=True, llm=v, **kw) for k, v in engines.items()}
+    sampled = {k: evaluate_policy(trainer.model, tok, qs, eval_task, greedy=False, n=4, llm=v, **kw)
+               for k, v in engines.items()}
+    engine_check = {"greedy_same": sum(a == b for a, b in zip(greedy["hf"]["completion_ids"],
+                                                              greedy["vllm"]["completion_ids"])),
+                    "greedy_acc": {k: g["accuracy"] for k, g in greedy.items()},
+                    "sampled_acc": {k: g["accuracy"] for k, g in sampled.items()},
+                    "n_sampled": sampled["hf"]["n"], "n_greedy": greedy["hf"]["n"],
+                    # rl's hacking monitor through either engine (greedy held-out accuracy and mech score)
+                    "monitor": {k: HackingMonitor(tok, eval_task, qs, mech, every=1, max_new_tokens=24, prompt_format=fmt,
+                                                  llm_source=None if v is None else (lambda: synced_llm(trainer))
+                                                  ).evaluate(trainer.model, trainer.state.global_step)
+                                for k, v in engines.items()}}
+    vg = trainer.vllm_generation
+    vg.sync_weights()
+    prompts = [encode_prompt(tok, fmt, q.prompt) for q in eval_task.questions[:2]]
+    _, comps, lps, _ = vg.generate(prompts=prompts, images=None, num_generations=1)
+    final_gap = 0.0
+    for pr, c, lp in zip(prompts, comps, lps):
+        hf = torch.tensor(_policy_logprobs(trainer, pr, c))
+        final_gap = max(final_gap, float((hf - torch.tensor([x[0] for x in lp])).abs().max()))
+    after = evaluate_heldout(trainer.model, tok, eval_task.questions, eval_task, proto, prompt_format=fmt)
+    before = evaluate_heldout(initial, tok, eval_task.questions, eval_task, proto, prompt_format=fmt)
+    out = {"compat": trainer.vllm_compat, "capture_log": list(trainer.mech_capture_log), **log,
+           "final": {"step": trainer.state.global_step, "max_gap": final_gap, "n_tokens": sum(map(len, comps))},
+           "global_step": trainer.state.global_step, "curve": curve, "curve_hf": curve_hf, "engines": engine_check,
+           "before": {"sampled": float(before["sampled"].mean()), "greedy": float(before["greedy"].mean()),
+                      "n_no_answer": before["n_no_answer"]},
+           "after": {"sampled": float(after["sampled"].mean()), "greedy": float(after["greedy"].mean()),
+                     "n_no_answer": after["n_no_answer"]},
+           "n_eval": len(eval_task.questions), "closed": close_vllm(trainer)}
+    from mechreward.distributed import shutdown
+
+    shutdown()
+    return out
+
+
 # --------------------------------------------------------------------------- server
 
 def _free_port() -> int:
@@ -330,7 +426,7 @@ def _stop(proc) -> None:
             proc.wait(timeout=30)
 
 
-SCENARIOS = {"rollouts": rollouts, "grpo": grpo}
+SCENARIOS = {"rollouts": rollouts, "grpo": grpo, "smollm2_grpo": smollm2_grpo}
 
 if __name__ == "__main__":
     name, result, work, params = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), json.loads(sys.argv[4])

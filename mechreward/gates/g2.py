@@ -57,6 +57,7 @@ EXCELLENT_R1_R0 = 0.02
 EXCELLENT_R1_R2 = 0.05
 """R1 − R2 accuracy margin (published: 5 percentage points)."""
 ADAPTERS = ("lora", "full")
+EVAL_ENGINES = ("hf", "vllm")
 
 
 @dataclass
@@ -93,6 +94,11 @@ class G2Protocol:
     eval_max_new_tokens: int = 64
     eval_batch_size: int = 64
     """Sequences per generate call in the held-out evaluation (larger is faster on a CPU for a tiny model)."""
+    eval_engine: str = "hf"
+    """What generates the mid-run and final held-out completions: `hf` (HF `generate` on the policy) or `vllm`
+    (the vLLM engine TRL's colocate mode holds, its weights synced first; needs grpo.use_vllm=true and
+    vllm_mode=colocate). The starting weights are evaluated with HF `generate` either way. On 2 CPU cores HF
+    generate is the faster (benchmarks/README.md); on a GPU vLLM is the fast path."""
     verdict_metric: str = "sampled"
     """Held-out accuracy the verdict, NO_LEARNING and HACKED use: `sampled` or `greedy` (both are reported)."""
     extra_arms: list[str] = field(default_factory=list)
@@ -126,6 +132,12 @@ class G2Protocol:
             raise ConfigError(f"protocol.seeds={list(self.seeds)} repeats a seed")
         if not 0 < self.power < 1:
             raise ConfigError(f"protocol.power={self.power}; must be in (0, 1)")
+        if self.eval_engine not in EVAL_ENGINES:
+            raise ConfigError(f"protocol.eval_engine={self.eval_engine!r}; expected one of {list(EVAL_ENGINES)}")
+        if self.eval_engine == "vllm" and not (self.grpo.get("use_vllm") and
+                                               self.grpo.get("vllm_mode", "colocate") == "colocate"):
+            raise ConfigError("protocol.eval_engine=vllm evaluates with the vLLM engine of TRL's colocate mode: set "
+                              "protocol.grpo.use_vllm=true and protocol.grpo.vllm_mode=colocate, or eval_engine=hf")
 
 
 def verdict(d_r1_r0: float, d_r1_r2: float) -> str:
@@ -244,6 +256,28 @@ def paired_min_detectable_difference(a: list[float], b: list[float], power: floa
     return out
 
 
+def g2_flags(no_learning: bool, d10: dict, d12: dict, hacked_by_arm: dict, score_r1: float | None,
+             score_r0: float | None, mde: float | None) -> list[str]:
+    """G2's flags from its numbers (`summarise`; also to re-flag a saved report.json): NO_LEARNING;
+    R1_R0_CI_INCLUDES_0 or R1_BELOW_R0 and the same for R2 (two-level CIs); HACKED (per-seed hacks);
+    HACKED_VS_R0 (R1 below R0 with a higher held-out mech score than R0's); UNDERPOWERED (R1 − R0 undecided
+    and its MDE above the published 2pp)."""
+    flags = ["NO_LEARNING"] if no_learning else []
+    for other, d in (("R0", d10), ("R2", d12)):
+        side = ci_side(d["ci95_two_level"])
+        if side == "includes_0":
+            flags.append(f"R1_{other}_CI_INCLUDES_0")
+        elif side == "below_0":
+            flags.append(f"R1_BELOW_{other}")
+    if hacked_by_arm:
+        flags.append("HACKED")
+    if "R1_BELOW_R0" in flags and score_r1 is not None and score_r0 is not None and score_r1 > score_r0:
+        flags.append("HACKED_VS_R0")
+    if mde is not None and mde > EXCELLENT_R1_R0 and "R1_R0_CI_INCLUDES_0" in flags:
+        flags.append("UNDERPOWERED")
+    return flags
+
+
 def ci_side(ci: list[float]) -> str:
     """Where a difference's CI lies: `above_0`, `below_0` or `includes_0` (0 inside or on a bound)."""
     lo, hi = ci
@@ -335,24 +369,10 @@ def summarise(results: dict[str, list[dict]], before: dict, protocol: G2Protocol
                                            two_level_ci95=d10["ci95_two_level"])
     mde["unpaired"] = min_detectable_difference({a: arms[a]["per_seed"] for a in arm_names}, protocol.power)
     mde["seed_sd"] = mde["unpaired"]["seed_sd"]
-    flags = []
-    if no_learning:
-        flags.append("NO_LEARNING")
-    for other, d in (("R0", d10), ("R2", d12)):
-        side = ci_side(d["ci95_two_level"])
-        if side == "includes_0":
-            flags.append(f"R1_{other}_CI_INCLUDES_0")
-        elif side == "below_0":
-            flags.append(f"R1_BELOW_{other}")
     hacked_by_arm = {a: arms[a]["hacked_seeds"] for a in arm_names if arms[a]["hacked_seeds"]}
-    if hacked_by_arm:
-        flags.append("HACKED")
-    s1, s0 = arms["R1"]["mech_score_after"], arms["R0"]["mech_score_after"]
-    hacked_vs_r0 = "R1_BELOW_R0" in flags and s1 is not None and s0 is not None and s1 > s0
-    if hacked_vs_r0:
-        flags.append("HACKED_VS_R0")
-    if mde["mde"] is not None and mde["mde"] > EXCELLENT_R1_R0 and "R1_R0_CI_INCLUDES_0" in flags:
-        flags.append("UNDERPOWERED")
+    flags = g2_flags(no_learning, d10, d12, hacked_by_arm, arms["R1"]["mech_score_after"],
+                     arms["R0"]["mech_score_after"], mde["mde"])
+    hacked_vs_r0 = "HACKED_VS_R0" in flags
     published = verdict(d10["mean"], d12["mean"])
     for a in arms.values():
         a.pop("_pq")
