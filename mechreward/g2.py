@@ -127,12 +127,13 @@ def _dataset(questions):
     return Dataset.from_list([{"prompt": q.prompt, "answer": q.answer, "question_id": q.id} for q in questions])
 
 
-def evaluate_heldout(model, tokenizer, eval_qs, task, p: G2Protocol, reward=None, greedy: bool = True,
-                     prompt_format=None, llm=None) -> dict:
+def evaluate_heldout(model, tokenizer, eval_qs, task, p: G2Protocol, reward=None, greedy: bool = True, *,
+                     prompt_format, llm=None) -> dict:
     """Held-out accuracy as GRPO changes it: per question, the mean correct over `eval_samples` completions
     sampled at the training temperature (seed `eval_seed`, the same for every arm and seed), and, with
     `greedy`, greedy correctness. `score_mean`: `reward`'s mean score on the sampled completions; `n_no_answer`:
-    sampled completions with no extractable answer. Prompts: `prompt_format` (the pack's G1 format). `llm`: generate
+    sampled completions with no extractable answer. Prompts: `prompt_format` (the pack's G1 format; required, as a
+    missing one once fed bare prompts to a chat model mid-run). `llm`: generate
     with that vLLM engine (holding `model`'s weights) instead of HF `generate`."""
     from .grpo import evaluate_policy
 

@@ -20,11 +20,12 @@ from pathlib import Path
 import torch
 
 
-def _hf_logprobs(model, prompt_ids, completion_ids) -> torch.Tensor:
-    """Teacher-forced fp32 log-probs of `completion_ids` after `prompt_ids` (one unpadded forward)."""
+def _hf_logprobs(model, prompt_ids, completion_ids, temperature: float = 1.0) -> torch.Tensor:
+    """Teacher-forced fp32 log-probs of `completion_ids` after `prompt_ids` (one unpadded forward), of the
+    distribution at `temperature` (TRL has vLLM return processed log-probs: after temperature scaling)."""
     ids = torch.tensor([list(prompt_ids) + list(completion_ids)])
     with torch.no_grad():
-        logits = model(input_ids=ids, use_cache=False).logits.float()
+        logits = model(input_ids=ids, use_cache=False).logits.float() / temperature
     lp = torch.log_softmax(logits[0, len(prompt_ids) - 1:-1], -1)
     return lp.gather(-1, torch.tensor(completion_ids)[:, None])[:, 0]
 
@@ -164,7 +165,7 @@ def _policy_logprobs(trainer, prompt_ids, completion_ids) -> list[float]:
     was = trainer.model.training
     trainer.model.eval()
     try:
-        return _hf_logprobs(trainer.model, prompt_ids, completion_ids).tolist()
+        return _hf_logprobs(trainer.model, prompt_ids, completion_ids, trainer.args.temperature).tolist()
     finally:
         trainer.model.train(was)
 
@@ -185,7 +186,7 @@ def _instrument(trainer, mech, layer, initial_model):
             hf = torch.tensor(_policy_logprobs(trainer, p, c))
             v = torch.tensor([float("nan") if x is None else x for x in lp])
             gaps.append(float((hf - v).abs().max()))
-            init = _hf_logprobs(initial_model, p, c)
+            init = _hf_logprobs(initial_model, p, c, trainer.args.temperature)
             init_gaps.append(float((init - v).abs().max()))
             n_tok += len(c)
         log["gens"].append({"step": trainer.state.global_step, "max_gap": max(gaps), "max_gap_initial": max(init_gaps),
@@ -302,15 +303,16 @@ def smollm2_grpo(work: Path, p: dict) -> dict:
     from mechreward.reward import OutcomeReward, SAEFeatureReward
     from mechreward.rollouts import sae_reference
     from mechreward.sae import SAEConfig, SparseAutoencoder
+    from mechreward.sae.formats import load_sae, save_sae
     from mechreward.tasks import TaskConfig, load_task
     from mechreward.vllm_backend import close_vllm, synced_llm
 
     name, layer, steps = "smollm2-135m-instruct", 15, p.get("steps", 2)
     initial, tok = load_model(name, device="cpu")
     model, _ = load_model(name, device="cpu")
-    torch.manual_seed(0)
-    sae = SparseAutoencoder.from_config(SAEConfig(initial.config.hidden_size, 1024, 16,
-                                                  metadata={"layer": layer, "model": name}))
+    sae = load_sae(save_sae(SparseAutoencoder.from_config(SAEConfig(initial.config.hidden_size, 1024, 16,
+                                                                    metadata={"layer": layer, "model": name}), seed=2),
+                            work / "sae"))
     feats = [{"index": i, "weight": (-1.0) ** i} for i in range(0, 20 * 7, 7)]
     pack = FeaturePack(model=name, layer=layer, hook=f"model.layers.{layer}", sae=sae_reference(sae), features=feats,
                        normalisation={"mean": 0.0, "std": 1.0})
