@@ -152,8 +152,7 @@ def _grpo_trainer(work: Path, lora: bool, mode: str, port: int | None = None, lr
     else:
         extra.update(vllm_max_model_length=256)
     # groups of 4: the trained organism is confident, and a group whose completions are all identical has zero
-    # advantages (no update); with groups of 2 both groups of a step were sometimes identical pairs, the step
-    # moved nothing and the "weights moved" check failed by chance
+    # advantages (no update); larger groups make a step with no update less likely
     args = grpo_config(dict(output_dir=str(work / "out"), per_device_train_batch_size=8, num_generations=4,
                             max_steps=steps, learning_rate=lr, beta=0.0, max_completion_length=24, report_to="none",
                             save_strategy="no", logging_steps=1, use_cpu=True, bf16=False, seed=0, use_vllm=True,
