@@ -109,15 +109,21 @@ def worked_solution(question: Question) -> str:
     return solution_text(parse_problem(question.id.split(":", 1)[1]))
 
 
+def split_stream(task: str, split: str, seed: int, draw, split_of_canonical, splits=SPLITS):
+    """Endless stream of `draw(rng)` problems whose `split_of_canonical(p.canonical)` is `split` (duplicates
+    possible; callers dedupe); the generator is seeded by task name, split and seed."""
+    if split not in splits:
+        raise ConfigError(f"unknown {task} split {split!r}; expected one of {splits}")
+    rng = random.Random(f"{task}:{split}:{seed}")
+    while True:
+        p = draw(rng)
+        if split_of_canonical(p.canonical) == split:
+            yield p
+
+
 def iter_problems(split: str, seed: int):
     """Endless stream of problems of one split (duplicates possible; callers dedupe)."""
-    if split not in SPLITS:
-        raise ConfigError(f"unknown arithmetic split {split!r}; expected one of {SPLITS}")
-    rng = random.Random(f"arithmetic:{split}:{seed}")
-    while True:
-        p = random_problem(rng)
-        if split_of(p.canonical) == split:
-            yield p
+    return split_stream("arithmetic", split, seed, random_problem, split_of)
 
 
 def make_questions(split: str, n: int, seed: int) -> list[Question]:

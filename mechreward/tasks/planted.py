@@ -154,13 +154,9 @@ def solution_text(p: PlantedProblem, mode: str = "carry") -> str:
 
 def iter_problems(split: str, seed: int):
     """Endless stream of problems of one split (duplicates possible)."""
-    if split not in SPLITS:
-        raise ConfigError(f"unknown planted split {split!r}; expected one of {SPLITS}")
-    rng = random.Random(f"planted:{split}:{seed}")
-    while True:
-        p = random_problem(rng)
-        if split_of(p.canonical) == split:
-            yield p
+    from .arithmetic import split_stream
+
+    return split_stream("planted", split, seed, random_problem, split_of, SPLITS)
 
 
 def iter_training_texts(split: str, seed: int, carry_share: float = CARRY_SHARE):
