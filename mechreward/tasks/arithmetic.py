@@ -121,6 +121,19 @@ def split_stream(task: str, split: str, seed: int, draw, split_of_canonical, spl
             yield p
 
 
+def first_distinct(problems, n: int) -> list:
+    """The first `n` problems of an endless stream with distinct `canonical` forms, in stream order."""
+    seen: set[str] = set()
+    out = []
+    for p in problems:
+        if p.canonical not in seen:
+            seen.add(p.canonical)
+            out.append(p)
+            if len(out) == n:
+                return out
+    raise AssertionError("unreachable: the stream is endless")
+
+
 def iter_problems(split: str, seed: int):
     """Endless stream of problems of one split (duplicates possible; callers dedupe)."""
     return split_stream("arithmetic", split, seed, random_problem, split_of)
@@ -130,20 +143,10 @@ def make_questions(split: str, n: int, seed: int) -> list[Question]:
     """`n` distinct questions of `split`, reproducible for (split, n, seed)."""
     if n < 1:
         raise ConfigError(f"number of arithmetic questions must be >= 1, got {n}")
-    seen: set[str] = set()
-    out: list[Question] = []
-    for p in iter_problems(split, seed):
-        if p.canonical in seen:
-            continue
-        seen.add(p.canonical)
-        out.append(Question(
-            id=f"arith:{p.canonical}", prompt=prompt_text(p), answer=str(p.answer),
-            meta={"n_operands": len(p.operands), "max_digits": max(len(str(x)) for x in p.operands),
-                  "difficulty": p.difficulty, "split": split},
-        ))
-        if len(out) == n:
-            return out
-    raise AssertionError("unreachable")
+    return [Question(id=f"arith:{p.canonical}", prompt=prompt_text(p), answer=str(p.answer),
+                     meta={"n_operands": len(p.operands), "max_digits": max(len(str(x)) for x in p.operands),
+                           "difficulty": p.difficulty, "split": split})
+            for p in first_distinct(iter_problems(split, seed), n)]
 
 
 def organism_corpus(n_docs: int = 2000, seed: int = 0, eos: str = "") -> list[str]:

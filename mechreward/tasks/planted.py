@@ -216,18 +216,11 @@ def mode_of(completion: str, problem: PlantedProblem) -> str:
 def make_questions(split: str, n: int, seed: int) -> list[Question]:
     if n < 1:
         raise ConfigError(f"number of planted questions must be >= 1, got {n}")
-    seen: set[str] = set()
-    out: list[Question] = []
-    for p in iter_problems(split, seed):
-        if p.canonical in seen:
-            continue
-        seen.add(p.canonical)
-        out.append(Question(id=f"planted:{p.canonical}", prompt=prompt_text(p), answer=str(p.answer()),
-                            meta={"split": split, "determined_steps": p.determined_steps,
-                                  "drop_answer": str(p.answer("drop"))}))
-        if len(out) == n:
-            return out
-    raise AssertionError("unreachable")
+    from .arithmetic import first_distinct
+
+    return [Question(id=f"planted:{p.canonical}", prompt=prompt_text(p), answer=str(p.answer()),
+                     meta={"split": split, "determined_steps": p.determined_steps, "drop_answer": str(p.answer("drop"))})
+            for p in first_distinct(iter_problems(split, seed), n)]
 
 
 class PlantedTask(ArithmeticTask):
