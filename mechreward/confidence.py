@@ -2,10 +2,11 @@
 
 G1's cheapest control — the mean token log-prob of a response — often predicts correctness as
 well as a feature pack does; as a GRPO reward it asks "does the SAE reward beat a plain
-confidence reward?". TRL does not pass log-probs to reward functions, so this reward runs one
-no-grad forward of the trainer's current policy (adapters on) over the exact ids TRL sampled
-(prompt ids from `MechGRPOTrainer`'s generation, checked against the completion ids TRL passes):
-mean over real completion tokens of log softmax(logits / T)[token] at the sampling temperature T.
+confidence reward?". TRL does not pass log-probs to reward functions, so this reward runs the
+trainer's own no-grad log-prob pass of its current policy (adapters on; each distinct prompt once)
+over the exact ids TRL sampled (prompt ids from `MechGRPOTrainer`'s generation, checked against
+the completion ids TRL passes): mean over real completion tokens of log softmax(logits / T)[token]
+at the sampling temperature T.
 """
 
 from __future__ import annotations
@@ -38,32 +39,31 @@ class MeanLogProbReward:
         comp = [list(map(int, c)) for c in completion_ids]
         if comp != sampled:
             raise MismatchError("MeanLogProbReward: the completion ids TRL passes differ from the ids it sampled")
+        from trl.trainer.utils import pad
+
         model = tr.model
         device = next(model.parameters()).device
         pad_id = tr._tokenizer.pad_token_id if tr._tokenizer.pad_token_id is not None else 0
-        temperature = float(getattr(tr, "temperature", 1.0) or 1.0)
         was_training = model.training
         model.eval()
         out: list[float] = []
         try:
             for start in range(0, len(comp), self.batch_size):
-                rows = [(prompt_ids[i], comp[i]) for i in range(start, min(start + self.batch_size, len(comp)))]
-                width = max(len(p) + len(c) for p, c in rows)
-                ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-                attn = torch.zeros_like(ids)
-                target = torch.zeros_like(ids, dtype=torch.bool)  # positions whose token is a completion token
-                for b, (p, c) in enumerate(rows):
-                    ids[b, :len(p) + len(c)] = torch.tensor(p + c)
-                    attn[b, :len(p) + len(c)] = 1
-                    target[b, len(p):len(p) + len(c)] = True
-                ids, attn, target = ids.to(device), attn.to(device), target.to(device)
-                logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits.float()  # [b, T, V]
-                logp = torch.log_softmax(logits[:, :-1] / temperature, -1)  # position t predicts token t+1
-                tok = logp.gather(-1, ids[:, 1:, None])[..., 0]  # [b, T-1]
-                mask = target[:, 1:]
-                n = mask.sum(1)
-                mean = (tok * mask).sum(1) / n.clamp(min=1)
-                out.extend(float(m) if k > 0 else float("nan") for m, k in zip(mean.cpu(), n.cpu()))
+                rows = range(start, min(start + self.batch_size, len(comp)))
+                p = [torch.tensor(prompt_ids[i]) for i in rows]
+                c = [torch.tensor(comp[i] or [pad_id]) for i in rows]
+                n = torch.tensor([len(comp[i]) for i in rows])
+                # TRL's layout (prompts left-padded, completions right-padded) and its log-prob pass at the
+                # sampling temperature, which runs each distinct prompt once (`mechreward.prefix`)
+                ids = torch.cat([pad(p, padding_value=pad_id, padding_side="left"),
+                                 pad(c, padding_value=pad_id, padding_side="right")], 1).to(device)
+                cmask = torch.arange(max(len(x) for x in c))[None, :] < n[:, None]
+                attn = torch.cat([pad([torch.ones_like(x) for x in p], padding_value=0, padding_side="left"),
+                                  cmask.long()], 1).to(device)
+                logps, _, _ = tr._get_per_token_logps_and_entropies(model, ids, attn, cmask.shape[1],
+                                                                    batch_size=self.batch_size)
+                mean = (logps.float().cpu() * cmask).sum(1) / n.clamp(min=1)
+                out.extend(float(m) if k > 0 else float("nan") for m, k in zip(mean, n))
         finally:
             model.train(was_training)
         return out

@@ -12,6 +12,7 @@ from typing import Sequence
 import torch
 
 from .errors import ConfigError, DataError
+from .prefix import generate_shared
 
 
 @dataclass
@@ -132,7 +133,7 @@ def sample(model, tokenizer, prompts: Sequence[str] | Sequence[Sequence[int]], n
                                                            top_p=float(top_p), top_k=0)
         torch.manual_seed(seed + b)
         recorder = _ChosenLogprobs()
-        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+        gen = generate_shared(model, ids, mask, max_new_tokens=max_new_tokens,
                              eos_token_id=sorted(eos), pad_token_id=pad_id, logits_processor=[recorder],
                              return_dict_in_generate=True, min_new_tokens=0, **kwargs)
         new = gen.sequences[:, ids.shape[1]:].cpu()  # [batch, steps]

@@ -39,7 +39,8 @@ from transformers import TrainerCallback
 from trl import GRPOTrainer
 
 from .errors import ConfigError
-from .models import ResidualCapture
+from .models import ResidualCapture, unwrap
+from .prefix import generate_shared, prompt_groups, shared_prompt_chunks, supports_shared_prompt
 from .run import show_progress
 from .reward import (CapturedBatch, HiddenStateReward, OutcomeReward, compose_advantages, dense_advantages,
                      token_group_stats)
@@ -130,12 +131,14 @@ class MechGRPOTrainer(GRPOTrainer):
         composition: `normalize_then_weight` (default) or `trl`.
         vllm_settings: `mechreward.vllm_backend.VLLMSettings` for `args.use_vllm` (dtype, CPU KV cache);
             on vLLM's CPU platform TRL's weight sync is replaced by vLLM's own reload (`trl_vllm_compat`).
+        share_prompts: run each distinct prompt of a batch once in the log-prob passes and the fallback
+            capture (`mechreward.prefix`; the same values and gradients); False = TRL's one-pass forward.
     """
 
     def __init__(self, *args: Any, mech_lambda: float | LinearSchedule | Sequence[float] = 0.1,
                  beta_schedule: LinearSchedule | Sequence[float] | None = None,
                  composition: str = "normalize_then_weight", prompt_format=None, vllm_settings=None,
-                 **kwargs: Any):
+                 share_prompts: bool = True, **kwargs: Any):
         from .vllm_backend import trl_vllm_compat
 
         funcs = kwargs.get("reward_funcs", args[1] if len(args) > 1 else None)
@@ -188,6 +191,8 @@ class MechGRPOTrainer(GRPOTrainer):
         self._mech_ids: tuple[list, list, list | None] | None = None
         self._mech_rewards_per_func: torch.Tensor | None = None
         self.mech_capture_log: list[str] = []
+        self.share_prompts = bool(share_prompts)
+        self._prompt_sharing: dict[int, bool] = {}
         """One entry per scored batch: `logprob_pass` or `fallback` (which forward fed the rewards)."""
         self.mech_last: dict[str, Any] = {}
         """The last batch's captured values (trajectory scores, per-token scores, mask), for tests and monitors."""
@@ -234,20 +239,79 @@ class MechGRPOTrainer(GRPOTrainer):
         return (self._mech_armed and self._mech_captured is None and not torch.is_grad_enabled()
                 and model is self.model and _adapters_active(self.model))
 
+    _MM_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes", "num_tiles",
+                "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
+
+    def _shares_prompts(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int,
+                        grad: bool) -> bool:
+        """Whether the shared-prompt forward (`mechreward.prefix`) applies to this batch on this model."""
+        if not self.share_prompts or prompt_width < 2 or self.accelerator.num_processes != 1:
+            return False
+        if grad and getattr(unwrap(model), "is_gradient_checkpointing", False):
+            return False  # checkpointed layers run without a cache
+        key = id(unwrap(model))
+        if key not in self._prompt_sharing:
+            self._prompt_sharing[key] = supports_shared_prompt(model)
+        return (self._prompt_sharing[key]
+                and prompt_groups(input_ids[:, :prompt_width], attention_mask[:, :prompt_width]) is not None)
+
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
-                                           *args, **kwargs):
-        if not self.mech_rewards or not self._is_policy_pass(model):
+                                           compute_entropy=False, compute_aux_loss=False, **kwargs):
+        P = input_ids.shape[1] - logits_to_keep
+        shared = (not compute_aux_loss and all(kwargs.get(k) is None for k in self._MM_KEYS)
+                  and self._shares_prompts(model, input_ids, attention_mask, P, torch.is_grad_enabled()))
+        capture = bool(self.mech_rewards) and self._is_policy_pass(model)
+        if not shared and not capture:
             return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
-                                                              batch_size, *args, **kwargs)
-        comp_mask = self._model_tokens(self._completion_mask(attention_mask, logits_to_keep), logits_to_keep)
-        cap = ResidualCapture(self.model, self.mech_layers, transform=self._capture_transform(comp_mask),
-                              early_exit=False, accumulate=True)
-        with cap:
-            out = super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
-                                                             batch_size, *args, **kwargs)
-        self._store(cap, comp_mask[:, -logits_to_keep:] if logits_to_keep else comp_mask, self._mech_ids[1])
-        self._mech_source = "logprob_pass"
+                                                              batch_size, compute_entropy, compute_aux_loss, **kwargs)
+        cap = None
+        if capture:
+            comp_mask = self._model_tokens(self._completion_mask(attention_mask, logits_to_keep), logits_to_keep)
+            cap = ResidualCapture(self.model, self.mech_layers,
+                                  transform=self._capture_transform(comp_mask[:, P - 1:] if shared else comp_mask),
+                                  early_exit=False, accumulate=True)
+        if shared:
+            out = self._shared_prompt_logps(model, input_ids, attention_mask, logits_to_keep, batch_size,
+                                            compute_entropy, cap)
+        else:
+            with cap:
+                out = super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
+                                                                 batch_size, compute_entropy, compute_aux_loss,
+                                                                 **kwargs)
+        if capture:
+            self._store(cap, comp_mask[:, -logits_to_keep:] if logits_to_keep else comp_mask, self._mech_ids[1])
+            self._mech_source = "logprob_pass"
         return out
+
+    def _shared_prompt_logps(self, model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy,
+                             cap: ResidualCapture | None):
+        """TRL's per-token log-probs (and entropies) with each distinct prompt run once (`mechreward.prefix`).
+
+        Each chunk runs `[last prompt token | completion]` on the shared prompt cache through TRL's fused LM
+        head, so only the completion positions go through the head as well."""
+        P = input_ids.shape[1] - logits_to_keep
+        outputs: dict[int, list] = {}
+
+        def run(rows, tail_ids, mask, cache):
+            labels = tail_ids.masked_fill(mask[:, P - 1:] == 0, -100)
+            labels[:, 0] = -100  # the last prompt token: dropped by the head's shift
+            if cap is None:
+                with self.accelerator.autocast():
+                    return model(input_ids=tail_ids, attention_mask=mask, cache=cache, labels=labels,
+                                 fused_lm_head=True)
+            with cap, self.accelerator.autocast():
+                o = model(input_ids=tail_ids, attention_mask=mask, cache=cache, labels=labels, fused_lm_head=True)
+            for layer, vals in cap.outputs.items():
+                outputs.setdefault(layer, []).extend(vals)
+            return o
+
+        with self.accelerator.autocast():
+            chunks = shared_prompt_chunks(model, input_ids, attention_mask, P, batch_size or input_ids.shape[0], run)
+        if cap is not None:
+            cap.outputs = outputs
+        logps = torch.cat([o.log_probs[:, -logits_to_keep:] for o in chunks])
+        entropies = torch.cat([o.entropy[:, -logits_to_keep:] for o in chunks]) if compute_entropy else None
+        return logps, entropies, None
 
     def _fallback_capture(self) -> None:
         """One no-grad forward over TRL's padded layout, early exit after the deepest needed layer."""
@@ -274,11 +338,25 @@ class MechGRPOTrainer(GRPOTrainer):
         comp_mask = self._model_tokens(self._completion_mask(attention_mask, C), C)
         mode = "train" if self.model.training else "eval"
         bs = self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
-        cap = ResidualCapture(self.model, self.mech_layers, transform=self._capture_transform(comp_mask),
+        P = prompt_ids.shape[1]
+        shared = self._shares_prompts(self.model, input_ids, attention_mask, P, grad=False)
+        cap = ResidualCapture(self.model, self.mech_layers,
+                              transform=self._capture_transform(comp_mask[:, P - 1:] if shared else comp_mask),
                               early_exit=True, accumulate=True)
         outputs: dict[int, list] = {}
+
+        def run(rows, tail_ids, mask, cache):
+            with cap:  # ends at the early exit
+                self.model(input_ids=tail_ids, attention_mask=mask, cache=cache, use_cache=True)
+            for layer, vals in cap.outputs.items():
+                outputs.setdefault(layer, []).extend(vals)
+
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
-            for start in range(0, input_ids.shape[0], bs):
+            if shared:
+                with self.accelerator.autocast():
+                    shared_prompt_chunks(self.model, input_ids, attention_mask, P, bs, run,
+                                         stop_after_layer=self.mech_layers[-1])
+            for start in range(0, input_ids.shape[0] if not shared else 0, bs):
                 with cap, self.accelerator.autocast():  # `with cap` resets cap.outputs and ends at the early exit
                     self.model(input_ids=input_ids[start:start + bs], attention_mask=attention_mask[start:start + bs],
                                use_cache=False)
@@ -357,6 +435,22 @@ class MechGRPOTrainer(GRPOTrainer):
             raise ConfigError("with prompt_format the dataset's `prompt` column holds the questions' text (strings); "
                               "the format builds the conversation")
         return [encode_prompt(self.processing_class, self.prompt_format, p) for p in prompts], None, {}
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        """TRL's HF `generate` with each distinct prompt prefilled once (`mechreward.prefix.generate_shared`)."""
+        if (self.use_vllm or getattr(self, "use_transformers_continuous_batching", False) or images is not None
+                or multimodal_fields or not self.share_prompts or self.accelerator.num_processes != 1):
+            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations,
+                                                 has_tool_images)
+        model = self.accelerator.unwrap_model(self.model_wrapped)
+        original = model.generate
+        model.generate = lambda input_ids=None, attention_mask=None, **kw: generate_shared(
+            model, input_ids, attention_mask, generate=original, **kw)
+        try:
+            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations,
+                                                 has_tool_images)
+        finally:
+            del model.generate  # the class's method again
 
     def _generate(self, prompts: list):
         out = super()._generate(prompts)

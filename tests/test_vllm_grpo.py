@@ -34,7 +34,7 @@ def _check_run(r: dict, compat: str, steps: int = 2) -> None:
     assert r["capture_log"] == ["logprob_pass"] * steps
     for c in r["capture"]:
         assert c["source"] == "logprob_pass" and c["has_old_logps"] and c["has_sampling_logps"]
-        assert c["shape_equal"] and c["max_gap"] <= 1e-5, c
+        assert c["shape_equal"] and c["max_gap"] <= 1e-4, c  # shared prompts: float summation order
         assert c["abs_sum"] > 0  # the features fire: not 0 == 0
     # one sync before each generation, vLLM's log-probs == the trained policy's
     assert [g["step"] for g in r["gens"]] == list(range(steps))
