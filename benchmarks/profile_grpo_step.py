@@ -156,39 +156,61 @@ def main() -> None:
         share = statistics.median(parts["rewards"]) / statistics.median(parts["step"])
         print(f"  rewards (outcome + mech capture and SAE score) share of the step: {100 * share:.1f}%")
     if alone:
+        alone, one_pass = alone
         total = sum(alone.values())
-        print("  alone (outside the trainer, same batch): " + ", ".join(f"{k} {v:.2f}s" for k, v in alone.items())
+        print("  alone (outside the trainer, same batch, each distinct prompt once): "
+              + ", ".join(f"{k} {v:.2f}s" for k, v in alone.items())
               + f"; sum {total:.2f}s; step / sum = {statistics.median(parts['step']) / total:.2f}")
+        print("  alone, one pass per row (reference): " + ", ".join(f"{k} {v:.2f}s" for k, v in one_pass.items()))
 
 
 def time_parts_alone(trainer, tok, inputs, a) -> dict[str, float]:
-    """The step's unavoidable parts timed on their own, on the last step's batch: HF `generate` of its prompts
-    (same sampling and length), one forward and backward of prompt + completion tokens through the LoRA policy
-    (token log-probs of the completion, summed), and the optimizer step."""
+    """The step's unavoidable parts timed on their own, on the last step's batch, each in its least-compute form:
+    HF `generate` of its prompts (same sampling and length) with each distinct prompt prefilled once, one forward and
+    backward through the LoRA policy of each distinct prompt once and every completion on its cache (token
+    log-probs of the completion, summed), and the optimizer step. Also, for reference, the one-pass forms: plain
+    `generate` and a forward/backward of every row's prompt + completion (`*_one_pass`, not in the sum)."""
+    from mechreward.prefix import generate_shared, prefill_shared, prompt_groups
+
     model = trainer.model
     prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
     completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
-    out = {}
-    t = time.perf_counter()
-    with torch.no_grad():
-        model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True, temperature=0.5,
-                       max_new_tokens=a.max_completion, pad_token_id=tok.pad_token_id)
-    out["generate"] = time.perf_counter() - t
+    P = prompt_ids.shape[1]
     ids = torch.cat([prompt_ids, completion_ids], 1)
     mask = torch.cat([prompt_mask, completion_mask], 1)
-    t = time.perf_counter()
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, prompt_ids.shape[1] - 1:-1].float()
-    logp = torch.log_softmax(logits, -1).gather(-1, completion_ids[..., None])[..., 0]
-    loss = -(logp * completion_mask).sum() / completion_mask.sum()
-    out["forward"] = time.perf_counter() - t
-    t = time.perf_counter()
-    loss.backward()
-    out["backward"] = time.perf_counter() - t
-    t = time.perf_counter()
-    trainer.optimizer.step()
-    trainer.optimizer.zero_grad()
-    out["optimizer"] = time.perf_counter() - t
-    return out
+    kw = dict(do_sample=True, temperature=0.5, max_new_tokens=a.max_completion, pad_token_id=tok.pad_token_id)
+    out, ref = {}, {}
+
+    def completion_loss(logits):
+        logp = torch.log_softmax(logits.float(), -1).gather(-1, completion_ids[..., None])[..., 0]
+        return -(logp * completion_mask).sum() / completion_mask.sum()
+
+    for shared in (True, False):
+        dest = out if shared else ref
+        sfx = "" if shared else "_one_pass"
+        t = time.perf_counter()
+        with torch.no_grad():
+            if shared:
+                generate_shared(model, prompt_ids, prompt_mask, **kw)
+            else:
+                model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **kw)
+        dest["generate" + sfx] = time.perf_counter() - t
+        t = time.perf_counter()
+        if shared:
+            cache = prefill_shared(model, prompt_ids, prompt_mask, prompt_groups(prompt_ids, prompt_mask))
+            loss = completion_loss(model(input_ids=ids[:, P - 1:-1], attention_mask=mask[:, :-1], cache=cache).logits)
+        else:
+            loss = completion_loss(model(input_ids=ids, attention_mask=mask).logits[:, P - 1:-1])
+        dest["forward" + sfx] = time.perf_counter() - t
+        t = time.perf_counter()
+        loss.backward()
+        dest["backward" + sfx] = time.perf_counter() - t
+        if shared:
+            t = time.perf_counter()
+            trainer.optimizer.step()
+            out["optimizer"] = time.perf_counter() - t
+        trainer.optimizer.zero_grad()
+    return out, ref
 
 
 if __name__ == "__main__":

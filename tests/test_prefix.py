@@ -43,7 +43,7 @@ def _embedded_tokens(model):
     return counts, emb.register_forward_hook(lambda m, a, o: counts.append(a[0].numel()))
 
 
-def test_shared_prompt_logps_entropies_and_lora_gradients_equal_trls_one_pass(tmp_path, tiny_dir, sae_and_pack):
+def test_shared_prompt_logps_entropies_and_lora_gradients_equal_trls_one_pass(tmp_path, tiny_dir, sae_and_pack):  # noqa: F811 (fixtures)
     trainer, _ = _trainer(tmp_path, tiny_dir, sae_and_pack, peft=True, beta=0.0, per_device_train_batch_size=8,
                           num_generations=4)
     out, ids, attn = _batch(trainer)
@@ -75,7 +75,7 @@ def test_shared_prompt_logps_entropies_and_lora_gradients_equal_trls_one_pass(tm
     assert n0 == 8 * (P + C) and n1 == 2 * (P - 1) + 8 * (C + 1)
 
 
-def test_generate_with_the_shared_prefill_gives_plain_generates_tokens_and_scores(tmp_path, tiny_dir, sae_and_pack):
+def test_generate_with_the_shared_prefill_gives_plain_generates_tokens_and_scores(tmp_path, tiny_dir, sae_and_pack):  # noqa: F811 (fixtures)
     trainer, _ = _trainer(tmp_path, tiny_dir, sae_and_pack, peft=True, per_device_train_batch_size=8,
                           num_generations=4)
     out, _, _ = _batch(trainer)
@@ -91,7 +91,7 @@ def test_generate_with_the_shared_prefill_gives_plain_generates_tokens_and_score
         torch.testing.assert_close(b, a, rtol=0, atol=1e-4)
 
 
-def test_lp_reward_equals_an_independent_full_logits_mean_logprob(tmp_path, tiny_dir, sae_and_pack):
+def test_lp_reward_equals_an_independent_full_logits_mean_logprob(tmp_path, tiny_dir, sae_and_pack):  # noqa: F811 (fixtures)
     trainer, _ = _trainer(tmp_path, tiny_dir, sae_and_pack, peft=True, per_device_train_batch_size=8,
                           num_generations=4, temperature=0.7)
     out, _, _ = _batch(trainer)
