@@ -170,7 +170,7 @@ def time_parts_alone(trainer, tok, inputs, a) -> dict[str, float]:
     backward through the LoRA policy of each distinct prompt once and every completion on its cache (token
     log-probs of the completion, summed), and the optimizer step. Also, for reference, the one-pass forms: plain
     `generate` and a forward/backward of every row's prompt + completion (`*_one_pass`, not in the sum)."""
-    from mechreward.prefix import generate_shared, prefill_shared, prompt_groups
+    from mechreward.prefix import cache_kwarg, generate_shared, prefill_shared, prompt_groups
 
     model = trainer.model
     prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
@@ -198,7 +198,8 @@ def time_parts_alone(trainer, tok, inputs, a) -> dict[str, float]:
         t = time.perf_counter()
         if shared:
             cache = prefill_shared(model, prompt_ids, prompt_mask, prompt_groups(prompt_ids, prompt_mask))
-            loss = completion_loss(model(input_ids=ids[:, P - 1:-1], attention_mask=mask[:, :-1], cache=cache).logits)
+            loss = completion_loss(model(input_ids=ids[:, P - 1:-1], attention_mask=mask[:, :-1],
+                                         **{cache_kwarg(model): cache}).logits)
         else:
             loss = completion_loss(model(input_ids=ids, attention_mask=mask).logits[:, P - 1:-1])
         dest["forward" + sfx] = time.perf_counter() - t

@@ -40,7 +40,7 @@ from trl import GRPOTrainer
 
 from .errors import ConfigError
 from .models import ResidualCapture, unwrap
-from .prefix import generate_shared, prompt_groups, shared_prompt_chunks, supports_shared_prompt
+from .prefix import cache_kwarg, generate_shared, prompt_groups, shared_prompt_chunks, supports_shared_prompt
 from .run import show_progress
 from .reward import (CapturedBatch, HiddenStateReward, OutcomeReward, compose_advantages, dense_advantages,
                      token_group_stats)
@@ -297,10 +297,11 @@ class MechGRPOTrainer(GRPOTrainer):
             labels[:, 0] = -100  # the last prompt token: dropped by the head's shift
             if cap is None:
                 with self.accelerator.autocast():
-                    return model(input_ids=tail_ids, attention_mask=mask, cache=cache, labels=labels,
-                                 fused_lm_head=True)
+                    return model(input_ids=tail_ids, attention_mask=mask, labels=labels, fused_lm_head=True,
+                                 **{cache_kwarg(model): cache})
             with cap, self.accelerator.autocast():
-                o = model(input_ids=tail_ids, attention_mask=mask, cache=cache, labels=labels, fused_lm_head=True)
+                o = model(input_ids=tail_ids, attention_mask=mask, labels=labels, fused_lm_head=True,
+                          **{cache_kwarg(model): cache})
             for layer, vals in cap.outputs.items():
                 outputs.setdefault(layer, []).extend(vals)
             return o
@@ -347,7 +348,7 @@ class MechGRPOTrainer(GRPOTrainer):
 
         def run(rows, tail_ids, mask, cache):
             with cap:  # ends at the early exit
-                self.model(input_ids=tail_ids, attention_mask=mask, cache=cache, use_cache=True)
+                self.model(input_ids=tail_ids, attention_mask=mask, use_cache=True, **{cache_kwarg(self.model): cache})
             for layer, vals in cap.outputs.items():
                 outputs.setdefault(layer, []).extend(vals)
 

