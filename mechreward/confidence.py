@@ -51,7 +51,7 @@ class MeanLogProbReward:
             for start in range(0, len(comp), self.batch_size):
                 rows = range(start, min(start + self.batch_size, len(comp)))
                 p = [torch.tensor(prompt_ids[i]) for i in rows]
-                c = [torch.tensor(comp[i] or [pad_id]) for i in rows]
+                c = [torch.tensor(comp[i] or [pad_id]) for i in rows]  # an empty completion: one masked pad
                 n = torch.tensor([len(comp[i]) for i in rows])
                 # TRL's layout (prompts left-padded, completions right-padded) and its log-prob pass at the
                 # sampling temperature, which runs each distinct prompt once (`mechreward.prefix`)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -79,6 +80,12 @@ def as_schedule(x: float | LinearSchedule | Sequence[float] | None, default: flo
     if len(vals) not in (1, 2):
         raise ConfigError(f"a schedule is a number or [start, end]; got {x!r}")
     return LinearSchedule(float(vals[0]), float(vals[-1]))
+
+
+def _collect(cap: ResidualCapture, outputs: dict[int, list]) -> None:
+    """Append one chunk's captured values (`with cap` resets `cap.outputs` on entry) to `outputs`."""
+    for layer, vals in cap.outputs.items():
+        outputs.setdefault(layer, []).extend(vals)
 
 
 def _adapters_active(model) -> bool:
@@ -131,8 +138,9 @@ class MechGRPOTrainer(GRPOTrainer):
         composition: `normalize_then_weight` (default) or `trl`.
         vllm_settings: `mechreward.vllm_backend.VLLMSettings` for `args.use_vllm` (dtype, CPU KV cache);
             on vLLM's CPU platform TRL's weight sync is replaced by vLLM's own reload (`trl_vllm_compat`).
-        share_prompts: run each distinct prompt of a batch once in the log-prob passes and the fallback
-            capture (`mechreward.prefix`; the same values and gradients); False = TRL's one-pass forward.
+        share_prompts: run each distinct prompt of a batch once in HF generation, the log-prob passes, the
+            fallback capture and the LP reward (`mechreward.prefix`; the same values and gradients up to float
+            summation order); False = TRL's one-pass forward.
     """
 
     def __init__(self, *args: Any, mech_lambda: float | LinearSchedule | Sequence[float] = 0.1,
@@ -191,9 +199,9 @@ class MechGRPOTrainer(GRPOTrainer):
         self._mech_ids: tuple[list, list, list | None] | None = None
         self._mech_rewards_per_func: torch.Tensor | None = None
         self.mech_capture_log: list[str] = []
-        self.share_prompts = bool(share_prompts)
-        self._prompt_sharing: dict[int, bool] = {}
         """One entry per scored batch: `logprob_pass` or `fallback` (which forward fed the rewards)."""
+        self.share_prompts = bool(share_prompts)
+        self._prompt_sharing: dict[int, bool] = {}  # id(model) -> supports_shared_prompt(model)
         self.mech_last: dict[str, Any] = {}
         """The last batch's captured values (trajectory scores, per-token scores, mask), for tests and monitors."""
         ds = getattr(self.accelerator.state, "deepspeed_plugin", None)
@@ -292,18 +300,14 @@ class MechGRPOTrainer(GRPOTrainer):
         P = input_ids.shape[1] - logits_to_keep
         outputs: dict[int, list] = {}
 
-        def run(rows, tail_ids, mask, cache):
+        def run(tail_ids, mask, cache):
             labels = tail_ids.masked_fill(mask[:, P - 1:] == 0, -100)
             labels[:, 0] = -100  # the last prompt token: dropped by the head's shift
-            if cap is None:
-                with self.accelerator.autocast():
-                    return model(input_ids=tail_ids, attention_mask=mask, labels=labels, fused_lm_head=True,
-                                 **{cache_kwarg(model): cache})
-            with cap, self.accelerator.autocast():
+            with cap if cap is not None else nullcontext():
                 o = model(input_ids=tail_ids, attention_mask=mask, labels=labels, fused_lm_head=True,
                           **{cache_kwarg(model): cache})
-            for layer, vals in cap.outputs.items():
-                outputs.setdefault(layer, []).extend(vals)
+            if cap is not None:
+                _collect(cap, outputs)
             return o
 
         with self.accelerator.autocast():
@@ -346,23 +350,20 @@ class MechGRPOTrainer(GRPOTrainer):
                               early_exit=True, accumulate=True)
         outputs: dict[int, list] = {}
 
-        def run(rows, tail_ids, mask, cache):
-            with cap:  # ends at the early exit
-                self.model(input_ids=tail_ids, attention_mask=mask, use_cache=True, **{cache_kwarg(self.model): cache})
-            for layer, vals in cap.outputs.items():
-                outputs.setdefault(layer, []).extend(vals)
+        def run(ids, mask, cache=None):
+            extra = {} if cache is None else {cache_kwarg(self.model): cache}
+            with cap:  # resets cap.outputs; ends at the early exit
+                self.model(input_ids=ids, attention_mask=mask, use_cache=cache is not None, **extra)
+            _collect(cap, outputs)
 
-        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+        with (torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+              self.accelerator.autocast()):
             if shared:
-                with self.accelerator.autocast():
-                    shared_prompt_chunks(self.model, input_ids, attention_mask, P, bs, run,
-                                         stop_after_layer=self.mech_layers[-1])
-            for start in range(0, input_ids.shape[0] if not shared else 0, bs):
-                with cap, self.accelerator.autocast():  # `with cap` resets cap.outputs and ends at the early exit
-                    self.model(input_ids=input_ids[start:start + bs], attention_mask=attention_mask[start:start + bs],
-                               use_cache=False)
-                for layer, vals in cap.outputs.items():
-                    outputs.setdefault(layer, []).extend(vals)
+                shared_prompt_chunks(self.model, input_ids, attention_mask, P, bs, run,
+                                     stop_after_layer=self.mech_layers[-1])
+            else:
+                for start in range(0, input_ids.shape[0], bs):
+                    run(input_ids[start:start + bs], attention_mask[start:start + bs])
         cap.outputs = outputs
         self._store(cap, comp_mask[:, -C:], [list(map(int, x)) for x in completion_ids_list])
         self._mech_source = "fallback"

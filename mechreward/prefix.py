@@ -8,9 +8,10 @@ only the completions run per row. The positions and the attention mask are those
 over `[prompt | completion]`, so the result is the same function of the weights (equal up to
 floating-point summation order; tests compare values and gradients against TRL's one-pass forward).
 
-Used where the policy scores its own samples: TRL's log-prob passes (old, reference and the training
-forward, whose backward then also runs once per prompt) and the mech reward's fallback capture.
-It applies when every decoder layer keeps a plain key/value cache (`transformers.DynamicLayer`): a model
+Used by HF generation (`generate_shared`: `mechreward.generate.sample` and `MechGRPOTrainer`'s rollouts)
+and where the policy scores its own samples: TRL's log-prob passes (old, reference and the training
+forward, whose backward then also runs once per prompt), the mech reward's fallback capture and the
+LP reward. It applies when every decoder layer keeps a plain key/value cache (`transformers.DynamicLayer`): a model
 with linear-attention or sliding-window layers runs the one-pass forward unchanged.
 """
 
@@ -44,9 +45,8 @@ def supports_shared_prompt(model: nn.Module) -> bool:
     """True when every decoder layer of `model` keeps a plain key/value cache (the only kind indexed out here)."""
     from transformers.cache_utils import DynamicCache, DynamicLayer
 
-    base = unwrap(model)
-    config = getattr(base, "config", None)
-    if config is None or not getattr(base, "_supports_cache_class", True):
+    config = getattr(unwrap(model), "config", None)
+    if config is None:
         return False
     try:
         cache = DynamicCache(config=config)
@@ -65,18 +65,23 @@ def cache_kwarg(model: nn.Module) -> str:
 
 
 def prefill_shared(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-                   groups: tuple[torch.Tensor, torch.Tensor], stop_after_layer: int | None = None):
+                   groups: tuple[torch.Tensor, torch.Tensor], stop_after_layer: int | None = None,
+                   mask_positions: bool = False):
     """KV cache of `prompt_ids[:, :-1]` for every row, computed once per distinct prompt.
 
     The last prompt token is left out so the caller's next forward starts at it and scores the first
     completion token. `stop_after_layer`: run the prompt only up to that decoder layer (early exit, for a
-    capture that needs no deeper layer)."""
+    capture that needs no deeper layer). Positions: the one-pass forward's (column index) by default;
+    `mask_positions`: the ones HF `generate` gives a left-padded prompt (attention-mask cumsum)."""
     from transformers.cache_utils import DynamicCache
 
     first, inverse = groups
     cache = DynamicCache(config=unwrap(model).config)
     ids, mask = prompt_ids[first, :-1], prompt_mask[first, :-1]
     kw = {cache_kwarg(model): cache}
+    if mask_positions:
+        m = mask.long()
+        kw["position_ids"] = (m.cumsum(-1) - 1).masked_fill(m == 0, 0)
     if stop_after_layer is None:
         model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1, **kw)
     else:
@@ -92,7 +97,7 @@ def _discard(layer: int, hidden: torch.Tensor) -> None:
 
 def shared_prompt_chunks(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int,
                          batch_size: int, run: Callable[..., object], stop_after_layer: int | None = None) -> list:
-    """Run `run(rows, tail_ids, attention_mask, cache)` per chunk of `batch_size` rows with a shared-prompt cache.
+    """Run `run(tail_ids, attention_mask, cache)` per chunk of `batch_size` rows with a shared-prompt cache.
 
     `tail_ids = input_ids[rows, prompt_width - 1:]` (the last prompt token, then the completion) and the full
     `[prompt | completion]` attention mask of the chunk; `cache` holds the chunk's prompts minus their last token.
@@ -107,7 +112,7 @@ def shared_prompt_chunks(model: nn.Module, input_ids: torch.Tensor, attention_ma
             n = ids.shape[0]
             groups = (torch.arange(n, device=ids.device), torch.arange(n, device=ids.device))
         cache = prefill_shared(model, ids[:, :P], mask[:, :P], groups, stop_after_layer=stop_after_layer)
-        out.append(run(rows, ids[:, P - 1:], mask, cache))
+        out.append(run(ids[:, P - 1:], mask, cache))
     return out
 
 
@@ -115,8 +120,8 @@ def generate_shared(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
                     **kwargs):
     """`model.generate(input_ids, attention_mask, **kwargs)` with each distinct left-padded prompt prefilled once.
 
-    The prompts minus their last token run once per distinct prompt, with the positions `generate` gives them
-    (attention-mask cumsum); the cache is indexed out to every row and handed to `generate`, which then runs
+    The prompts minus their last token run once per distinct prompt (`prefill_shared`, with the positions
+    `generate` gives them); the cache is indexed out to every row and handed to `generate`, which then runs
     only the last prompt token and the new tokens per row. Falls back to a plain `generate` when no prompt
     repeats, the model's cache is not a plain key/value cache, or `kwargs` bring their own cache / cache kind /
     several return sequences. `generate`: the callable to use (default `model.generate`)."""
@@ -131,15 +136,6 @@ def generate_shared(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
         groups = prompt_groups(input_ids, attention_mask)
     if groups is None or not supports_shared_prompt(model):
         return generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-    from transformers.cache_utils import DynamicCache
-
-    first, inverse = groups
-    mask = attention_mask.long()
-    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-    cache = DynamicCache(config=unwrap(model).config)
-    name = cache_kwarg(model)
     with torch.no_grad():
-        model(input_ids=input_ids[first, :-1], attention_mask=attention_mask[first, :-1],
-              position_ids=positions[first, :-1], use_cache=True, logits_to_keep=1, **{name: cache})
-    cache.reorder_cache(inverse)
-    return generate(input_ids=input_ids, attention_mask=attention_mask, **{name: cache}, **kwargs)
+        cache = prefill_shared(model, input_ids, attention_mask, groups, mask_positions=True)
+    return generate(input_ids=input_ids, attention_mask=attention_mask, **{cache_kwarg(model): cache}, **kwargs)

@@ -83,9 +83,19 @@ def test_generate_with_the_shared_prefill_gives_plain_generates_tokens_and_score
     ids, mask = out["prompt_ids"], out["prompt_mask"]
     assert (mask == 0).any()  # left padding is exercised
     kw = dict(max_new_tokens=8, do_sample=False, output_scores=True, return_dict_in_generate=True)
-    with torch.no_grad():
-        plain = model.generate(input_ids=ids, attention_mask=mask, **kw)
-        shared = generate_shared(model, ids, mask, **kw)
+    tokens = {}
+    for name, gen in (("plain", lambda: model.generate(input_ids=ids, attention_mask=mask, **kw)),
+                      ("shared", lambda: generate_shared(model, ids, mask, **kw))):
+        counts, h = _embedded_tokens(model)
+        try:
+            with torch.no_grad():
+                tokens[name] = (gen(), sum(counts))
+        finally:
+            h.remove()
+    (plain, n_plain), (shared, n_shared) = tokens["plain"], tokens["shared"]
+    # the shared path ran: 2 distinct prompts prefilled once, then the last prompt token per row
+    P = ids.shape[1]
+    assert n_plain - n_shared == 8 * P - (2 * (P - 1) + 8)
     assert torch.equal(plain.sequences, shared.sequences)
     for a, b in zip(plain.scores, shared.scores):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-4)
