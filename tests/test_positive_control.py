@@ -11,6 +11,7 @@ import json
 import numpy as np
 import pytest
 
+from mechreward.demo import ORGANISM_LAYERS
 from mechreward.g1 import G1Config, run_g1
 from mechreward.models import ModelConfig
 from mechreward.probe import FeaturePack
@@ -25,7 +26,7 @@ PLANTED = "organism_planted"
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):
     root = tmp_path_factory.mktemp("positive_control")
-    scfg = SAETrainRunConfig(model=ModelConfig(name_or_path=PLANTED), layers=[2], sae=SAEShape(d_sae=512, k=16),
+    scfg = SAETrainRunConfig(model=ModelConfig(name_or_path=PLANTED), layers=[ORGANISM_LAYERS[PLANTED]], sae=SAEShape(d_sae=512, k=16),
                              tokens=40_960, batch_size=1024, checkpoint_every=0, name="sae", output_dir=str(root / "sae"))
     run_sae_train(scfg, Run(root / "sae_run", "sae_train"))
     gcfg = G1Config(model=ModelConfig(name_or_path=PLANTED), task=TaskConfig(name="planted", n=100),
@@ -36,26 +37,26 @@ def chain(tmp_path_factory):
 
 
 def test_the_pack_recovers_the_true_mode(chain):
-    """Measured here (100 questions x 4): pack score 0.86 within questions against the true mode, best pack
-    latent 0.75 across responses; at the demo's size (320 x 4) 0.87 and 0.73. The issue's target of one
-    latent at >= 0.9 is not reached by this organism (docs/positive_control.md)."""
+    """One pack latent separates the ground-truth modes across responses at AUROC >= 0.9 (the issue's target), and
+    the pack score does within questions."""
     _, rep = chain
     truth = rep["ground_truth_mode"]
     assert truth["n_determined"] >= 150
-    assert truth["pack_score_within_auroc_right_mode"] >= 0.75, truth
     best = truth["best_pack_latent"]
-    assert best["separation"] >= 0.65, truth
+    assert best["separation"] >= 0.9, truth
+    assert truth["pack_score_within_auroc_right_mode"] >= 0.9, truth
     assert best["index"] in [f["index"] for f in json.loads(open(rep["pack_path"]).read())["features"]]
     assert truth["best_alive_latent"]["separation"] >= best["separation"]
 
 
-def test_g1_within_question_evidence_beats_length_logprob_and_random_packs(chain):
-    """G1's within-question CI lies above length, mean log-prob and the random packs' 95th percentile, and the
-    pack adds to them (conditional LRT); the published across-question rho stays low (WEAK here, 0.17), because
-    the mean-pooled codes vary with each question's digits far more than with the mode."""
+def test_g1_passes_above_length_logprob_and_random_packs(chain):
+    """G1 PASSes; its within-question CI lies above length, mean log-prob and the random packs' 95th percentile, the
+    pack adds to them (conditional LRT), and no cheap signal is as good as the pack. The raw direction may tie the
+    pack (both separate the modes; the remaining errors are slips): G1 then names it in `beaten_by`, and nothing else."""
     _, rep = chain
-    assert rep["verdict"] != "FAIL", (rep["verdict"], rep["flags"])
-    assert "BEATEN_BY_BASELINE" not in rep["flags"] and "UNINFORMATIVE_WITHIN" not in rep["flags"]
+    assert rep["verdict"].startswith("PASS"), (rep["verdict"], rep["flags"])
+    assert "UNINFORMATIVE_WITHIN" not in rep["flags"] and "NOT_ABOVE_RANDOM_PACKS" not in rep["flags"]
+    assert all(b.startswith("direction") for b in rep["beaten_by"]), rep["beaten_by"]
     w = rep["within"]
     lo = w["pack"]["ci95"][0]
     for name in ("length", "logprob"):

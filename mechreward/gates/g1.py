@@ -339,8 +339,8 @@ def g1_statistics(score, labels, groups, length, logprob, direction_score, rando
 
 # --------------------------------------------------------------------------- ground truth
 
-TRUE_MODES = ("carry", "drop")
-"""Ground-truth solving modes a task may record per rollout (`mode`; mechreward.tasks.planted):
+TRUE_MODES = ("right", "swap")
+"""Ground-truth solving modes a task may record per rollout (`mode`; `mechreward.tasks.planted.MODES`):
 the first is the right rule."""
 
 
@@ -356,7 +356,7 @@ def ground_truth_modes(records: Sequence[dict], codes_val: np.ndarray, val_index
     """How well the pack recovers a task's recorded ground-truth mode on the validation responses.
 
     None when the rollouts record no `mode`. Else, on validation responses whose mode is determined
-    (`carry` or `drop`): per pack feature the AUROC of its pooled code for the right mode, the pack
+    (`right` or `swap`): per pack feature the AUROC of its pooled code for the right mode, the pack
     feature that separates the modes best (largest |AUROC − 0.5|, its `separation` = max(AUROC,
     1 − AUROC)), the best latent among all alive SAE latents for comparison, and the pack score's AUROC.
     The same within questions (`within_*`: AUROC over (right-mode, wrong-mode) pairs of completions of the

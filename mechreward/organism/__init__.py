@@ -22,11 +22,12 @@ ORGANISM_DIR = Path(__file__).resolve().parent / "weights"
 ORGANISM_PLANTED_DIR = Path(__file__).resolve().parent / "weights_planted"
 """The planted organism (`model=organism_planted`, the positive control): same architecture and
 tokenizer, trained by `python -m mechreward.organism.train --organism planted` on
-`mechreward.tasks.planted` worked solutions whose solving mode (carry / drop) is drawn per sample."""
+`mechreward.tasks.planted` worked solutions whose solving mode (right / swap) is drawn per sample."""
 
 ORGANISM_PLANTED_SAE_DIR = Path(__file__).resolve().parent / "sae_planted"
-"""The planted organism's SAE (`sae.path=organism_planted`), trained by `python -m mechreward.sae_train`
-on its own text (`docs/positive_control.md` has the command)."""
+"""The planted organism's SAE (`sae.path=organism_planted`): layer 4, TopK d_sae 1024, k 16, 119,808 tokens of
+its own text, the demo's `sae_train` stage (`python -m mechreward.demo controls=[] model=organism_planted
+task=planted "stages=[sae_train]"`)."""
 
 ORGANISM_SAE_DIR = Path(__file__).resolve().parent / "sae"
 """The organism's SAE (native / SAELens v6 layout): layer 2, TopK d_sae 2048, k 32, trained by

@@ -1,28 +1,27 @@
-"""Two-step two-digit arithmetic with a planted latent solving mode: the positive control's task.
+"""Three-step two-digit arithmetic with a planted latent solving mode: the positive control's task.
 
 A question is a chain of four two-digit numbers joined by `+` / `-`, in the built-in
 organism's format:
 
-    prompt      "Q: 47+38-19+26=?\\nA:"
-    completion  " 47+38=85. 85-19=66. 66+26=92. #### 92"   (mode `carry`: the right rule)
-                " 47+38=75. 75-19=66. 66+26=82. #### 82"   (mode `drop`: carries and borrows dropped)
+    prompt      "Q: 27+49-44+29=?\\nA:"
+    completion  " 27+49=76. 76-44=32. 32+29=61. #### 61"   (mode `right`)
+                " 27+49=67. 67-44=32. 32+29=16. #### 16"   (mode `swap`: each result's digits swapped)
 
 The planted organism (`model=organism_planted`) was trained on worked solutions whose rule is
-chosen per sample: `carry` (column arithmetic with carries and borrows: the right answer) with
-probability `CARRY_SHARE`, else `drop` (every column computed on its own, modulo 10: a carry
-into the next column and a borrow from it are both dropped). Nothing in the text marks the mode:
-problems are drawn so that every intermediate and final result of both pure modes is a
-two-digit number (no leading zero), so both modes have the same format and length. The drop
-rule is right exactly on the steps that need no carry or borrow, and its final answer is wrong
-on every problem with such a step (problems where a dropped carry and a dropped borrow cancel are
-not drawn); problems needing none at all
-are kept at a small share of their natural one and most problems need a carry or borrow at every step
-(`KEEP`), so that most questions have a right and a wrong mode and a mode must be kept up.
+chosen per sample: `right` (the right sum or difference) with probability `RIGHT_SHARE`, else
+`swap` (the right sum or difference of the operands as written, its two digits written in reverse
+order; the chain carries that wrong value forward). Nothing in the text marks the mode: problems are
+drawn so that every intermediate and final result of both pure modes, and every right result before
+its digits are swapped, is a two-digit number without a trailing zero, so both modes have the same
+format and length. The swap rule is right exactly on the steps whose result is a palindrome (44);
+problems with fewer than two other steps are kept at a small share (`KEEP`), so most questions need
+the mode at every step, and problems whose swap-mode answer equals the right one by chance are not
+drawn.
 
 `mode_of(completion, problem)` recovers the ground-truth mode of any completion from its text:
 each written step `a op b = r` is checked against both rules applied to the operands as written
-(a drop-mode chain carries its own wrong intermediate forward), and the completion is `carry` or
-`drop` when all steps that tell the rules apart followed that rule, `undetermined` when no step
+(a swap-mode chain carries its own wrong intermediate forward), and the completion is `right` or
+`swap` when all steps that tell the rules apart followed that rule, `undetermined` when no step
 tells them apart (both rules give the same digits), `mixed` when steps followed different
 rules, `other` when a step follows neither rule or the text is not a worked solution. The
 rollouts record it per completion (`mode`).
@@ -42,16 +41,16 @@ from .arithmetic import ArithmeticTask, Problem, split_of
 from .base import Question
 
 SPLITS = ("train", "eval")
-MODES = ("carry", "drop")
-"""The two planted solving modes: `carry` is the right rule, `drop` the wrong one."""
+MODES = ("right", "swap")
+"""The two planted solving modes: `right` is the right rule, `swap` the wrong one."""
 MODE_LABELS = (*MODES, "undetermined", "mixed", "other")
 """Every value `mode_of` returns."""
-CARRY_SHARE = 0.5
-"""Share of training solutions written in the `carry` (right) mode."""
-KEEP = {0: 0.015, 1: 0.03, 2: 0.2, 3: 1.0}
-"""Share of the problems the generator keeps, by the number of steps needing a carry or borrow: most
-problems need one at every step, so that a mode, once chosen, must be kept up from step to step
-(a model that recomputed each step on its own would mix the modes), and a few need none."""
+RIGHT_SHARE = 0.5
+"""Share of training solutions written in the `right` mode."""
+KEEP = {0: 0.015, 1: 0.1, 2: 1.0, 3: 1.0}
+"""Share of the problems the generator keeps, by the number of steps whose right result is not a
+palindrome (the steps that tell the rules apart): most problems need the mode at every step, so that a
+mode, once chosen, must be kept up from step to step, and a few need it nowhere."""
 N_OPERANDS = 4
 LO, HI = 10, 99
 
@@ -59,20 +58,18 @@ _STEP_RE = re.compile(r"\s*(\d+)([+-])(\d+)=(-?\d+)\.")
 _FINAL_RE = re.compile(r"\s*####\s*(-?\d+)\s*$")
 
 
-def drop_rule(a: int, op: str, b: int) -> int:
-    """Column arithmetic with carries and borrows dropped: each column modulo 10, leading zeros stripped."""
-    width = max(len(str(a)), len(str(b)))
-    da, db = str(a).zfill(width), str(b).zfill(width)
-    digits = [(int(x) + int(y)) % 10 if op == "+" else (int(x) - int(y)) % 10 for x, y in zip(da, db)]
-    return int("".join(map(str, digits)))
-
-
-def carry_rule(a: int, op: str, b: int) -> int:
+def right_rule(a: int, op: str, b: int) -> int:
     """The right rule."""
     return a + b if op == "+" else a - b
 
 
-RULES = {"carry": carry_rule, "drop": drop_rule}
+def swap_rule(a: int, op: str, b: int) -> int:
+    """The right result with its digits written in reverse order (sign kept)."""
+    c = right_rule(a, op, b)
+    return (1 if c >= 0 else -1) * int(str(abs(c))[::-1])
+
+
+RULES = {"right": right_rule, "swap": swap_rule}
 
 
 @dataclass(frozen=True)
@@ -84,7 +81,7 @@ class PlantedProblem:
 
     canonical = Problem.canonical  # "47+38-19+26": the split hash and question id are computed from it
 
-    def steps(self, mode: str = "carry") -> list[tuple[int, str, int, int]]:
+    def steps(self, mode: str = "right") -> list[tuple[int, str, int, int]]:
         """(left, op, right, result) of each fold when every step follows `mode`."""
         rule = RULES[mode]
         acc, rows = self.operands[0], []
@@ -94,31 +91,37 @@ class PlantedProblem:
             acc = new
         return rows
 
-    def answer(self, mode: str = "carry") -> int:
+    def answer(self, mode: str = "right") -> int:
         return self.steps(mode)[-1][3]
 
     @property
     def determined_steps(self) -> int:
         """Steps (of the right chain) where the two rules give different results."""
-        return sum(carry_rule(a, op, b) != drop_rule(a, op, b) for a, op, b, _ in self.steps("carry"))
+        return sum(right_rule(a, op, b) != swap_rule(a, op, b) for a, op, b, _ in self.steps("right"))
 
 
 def valid(p: PlantedProblem) -> bool:
-    """Every result of both pure modes is a two-digit number (same format and length in both modes)."""
-    return all(LO <= r <= HI for mode in MODES for _, _, _, r in p.steps(mode))
+    """Every result of both pure modes, and every right result before its digits are swapped, is a
+    two-digit number without a trailing zero (same format and length in both modes)."""
+    for mode in MODES:
+        for a, op, b, r in p.steps(mode):
+            c = right_rule(a, op, b)
+            if not (LO <= r <= HI and LO <= c <= HI and c % 10):
+                return False
+    return True
 
 
 def random_problem(rng: random.Random) -> PlantedProblem:
-    """A valid problem, kept with probability `KEEP[steps needing a carry or borrow]`; those needing one
-    are kept only when the drop rule's final answer is wrong."""
+    """A valid problem, kept with probability `KEEP[steps that tell the rules apart]`; those with such a
+    step are kept only when the swap rule's final answer is wrong."""
     while True:
         # the right chain stays two-digit by construction: each operand is drawn from the range that
         # keeps it so (for `-` only when the running value leaves room)
         operands, ops = [rng.randint(LO, HI)], []
         for _ in range(N_OPERANDS - 1):
-            acc = carry_rule(operands[0], ops[0], operands[1]) if ops else operands[0]
+            acc = right_rule(operands[0], ops[0], operands[1]) if ops else operands[0]
             for op, x in zip(ops[1:], operands[2:]):
-                acc = carry_rule(acc, op, x)
+                acc = right_rule(acc, op, x)
             op = rng.choice("+-") if acc - LO >= LO and HI - acc >= LO else ("+" if HI - acc >= LO else "-")
             operands.append(rng.randint(LO, HI - acc) if op == "+" else rng.randint(LO, acc - LO))
             ops.append(op)
@@ -126,8 +129,8 @@ def random_problem(rng: random.Random) -> PlantedProblem:
         p = PlantedProblem(operands, ops)
         if not valid(p):
             continue
-        if p.determined_steps and p.answer("carry") == p.answer("drop"):
-            continue  # a dropped carry undone by a dropped borrow: the wrong rule would be right by chance
+        if p.determined_steps and p.answer("right") == p.answer("swap"):
+            continue  # the swap chain lands on the right answer by chance
         if rng.random() < KEEP[p.determined_steps]:
             return p
 
@@ -144,7 +147,7 @@ def prompt_text(p: PlantedProblem) -> str:
     return f"Q: {p.canonical}=?\nA:"
 
 
-def solution_text(p: PlantedProblem, mode: str = "carry") -> str:
+def solution_text(p: PlantedProblem, mode: str = "right") -> str:
     """The worked solution in `mode` (completion without eos)."""
     if mode not in MODES:
         raise ConfigError(f"unknown planted mode {mode!r}; expected one of {MODES}")
@@ -159,13 +162,13 @@ def iter_problems(split: str, seed: int):
     return split_stream("planted", split, seed, random_problem, split_of, SPLITS)
 
 
-def iter_training_texts(split: str, seed: int, carry_share: float = CARRY_SHARE):
+def iter_training_texts(split: str, seed: int, right_share: float = RIGHT_SHARE):
     """Endless (problem, mode) pairs of the planted organism's training text: the mode drawn per sample."""
-    if not 0.0 <= carry_share <= 1.0:
-        raise ConfigError(f"carry_share must be in [0, 1], got {carry_share}")
+    if not 0.0 <= right_share <= 1.0:
+        raise ConfigError(f"right_share must be in [0, 1], got {right_share}")
     rng = random.Random(f"planted-mode:{split}:{seed}")
     for p in iter_problems(split, seed):
-        yield p, ("carry" if rng.random() < carry_share else "drop")
+        yield p, ("right" if rng.random() < right_share else "swap")
 
 
 def planted_corpus_texts(split: str, seed: int):
@@ -175,7 +178,7 @@ def planted_corpus_texts(split: str, seed: int):
 
 
 def mode_of(completion: str, problem: PlantedProblem) -> str:
-    """The ground-truth mode of a completion (module docstring): carry, drop, undetermined, mixed or other."""
+    """The ground-truth mode of a completion (module docstring): right, swap, undetermined, mixed or other."""
     text = completion
     i = text.find("####")
     if i < 0:
@@ -196,13 +199,13 @@ def mode_of(completion: str, problem: PlantedProblem) -> str:
     for (a, op, b, r), want_op, want_b in zip(steps, problem.ops, problem.operands[1:]):
         if a != acc or op != want_op or b != want_b:
             return "other"
-        c, d = carry_rule(a, op, b), drop_rule(a, op, b)
+        c, d = right_rule(a, op, b), swap_rule(a, op, b)
         if r == c == d:
             pass
         elif r == c:
-            followed.add("carry")
+            followed.add("right")
         elif r == d:
-            followed.add("drop")
+            followed.add("swap")
         else:
             return "other"
         acc = r
@@ -219,7 +222,7 @@ def make_questions(split: str, n: int, seed: int) -> list[Question]:
     from .arithmetic import first_distinct
 
     return [Question(id=f"planted:{p.canonical}", prompt=prompt_text(p), answer=str(p.answer()),
-                     meta={"split": split, "determined_steps": p.determined_steps, "drop_answer": str(p.answer("drop"))})
+                     meta={"split": split, "determined_steps": p.determined_steps, "swap_answer": str(p.answer("swap"))})
             for p in first_distinct(iter_problems(split, seed), n)]
 
 
@@ -249,4 +252,4 @@ class PlantedTask(ArithmeticTask):
 
     @staticmethod
     def worked_solution(question: Question) -> str:
-        return solution_text(PlantedTask.problem(question), "carry")
+        return solution_text(PlantedTask.problem(question), "right")
