@@ -33,6 +33,7 @@ Sizes are scaled to fit 8 minutes on 2 idle CPU cores (see conf/demo.yaml).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import html
 import json
@@ -65,8 +66,9 @@ class DemoConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     """Questions for the layer map, rollouts and G1 (arithmetic eval split)."""
-    layer: int = 2
-    """SAE layer (the organism's SAE layer, its commit layer; the layer map's recommendation is reported next to it)."""
+    layer: int | None = None
+    """SAE layer. Unset: the built-in organism's own (`ORGANISM_LAYERS`); any other model must set it. The layer
+    map's recommendation is reported next to it."""
     sae: SAEShape = field(default_factory=lambda: SAEShape(d_sae=1024, k=16))
     sae_tokens: int = 120_000
     sae_batch_size: int = 1024
@@ -106,6 +108,10 @@ class DemoConfig:
     organism). Empty: the chain runs once on `model` and `task`."""
 
 
+ORGANISM_LAYERS = {"organism": 2, "organism_planted": 4}
+"""The SAE layer of each built-in organism: the commit layer of its own layer map (the demo's `layermap` stage
+reports it; on the planted organism also its peak and recommended layer). On the planted organism the mode is
+decided at L3 and after; below it, no SAE latent separates the modes."""
 CONTROL_TASKS = {"organism_planted": "planted", "organism": "arithmetic"}
 """The task each built-in organism runs on in the demo's `controls`."""
 CONTROL_ROLES = {"organism_planted": "positive control (planted mode)", "organism": "negative control (natural)"}
@@ -463,8 +469,8 @@ def check_organism_defaults(cfg: DemoConfig) -> None:
     leaks = []
     if cfg.task.name == "arithmetic":
         leaks.append("task=arithmetic (the organism's task)")
-    if cfg.layer == DemoConfig.layer:
-        leaks.append(f"layer={cfg.layer} (the organism's SAE layer)")
+    if cfg.layer is None:
+        leaks.append("no layer (the organism's SAE layer would be used: set layer=<L>)")
     if "g2" in cfg.stages:
         leaks.append("the g2 stage (it runs the organism's G2 protocol; leave it out with "
                      "stages=[sae_train,layermap,rollouts,probe,g1,features] and run `python -m mechreward.g2` "
@@ -495,6 +501,7 @@ def control_row(name: str, rep: dict) -> dict:
     d10, d12 = g2.get("delta_r1_r0") or {}, g2.get("delta_r1_r2") or {}
     return {"organism": name, "role": CONTROL_ROLES.get(name, name),
             "g1_verdict": g1.get("verdict"), "g1_flags": g1.get("flags"), "g1_rho": g1.get("spearman_rho"),
+            "g1_beaten_by": g1.get("beaten_by") or [],
             "within_pack": auc(w.get("pack")), "within_pack_ci95": (w.get("pack") or {}).get("ci95"),
             "within_logprob": auc(wc.get("logprob")), "within_length": auc(wc.get("length")),
             "within_direction": auc(wc.get("direction")),
@@ -505,7 +512,8 @@ def control_row(name: str, rep: dict) -> dict:
             "r0_gain": r0.get("mean"), "r0_gain_ci95": r0.get("ci95_two_level"),
             "r1_r0": d10.get("mean"), "r1_r0_ci95": d10.get("ci95_two_level"),
             "r1_r2": d12.get("mean"), "r1_r2_ci95": d12.get("ci95_two_level"),
-            "mde_r1_r0": (g2.get("mde_r1_r0") or {}).get("mde"), "seconds": rep.get("seconds")}
+            "mde_r1_r0": (g2.get("mde_r1_r0") or {}).get("mde"), "mde_r1_r2": (g2.get("mde_r1_r2") or {}).get("mde"),
+            "seconds": rep.get("seconds")}
 
 
 def controls_table(rows: list[dict]) -> str:
@@ -530,6 +538,7 @@ def controls_table(rows: list[dict]) -> str:
              ("G2 R1−R0 (95% CI)", lambda r: f(r["r1_r0"], "+.3f") + _ci(r["r1_r0_ci95"])),
              ("G2 R1−R2 (95% CI)", lambda r: f(r["r1_r2"], "+.3f") + _ci(r["r1_r2_ci95"])),
              ("G2 minimum detectable R1−R0", lambda r: f(r["mde_r1_r0"])),
+             ("G2 minimum detectable R1−R2", lambda r: f(r["mde_r1_r2"])),
              ("seconds of this run (reused stages count 0)", lambda r: f(r["seconds"], ".0f"))]
     head = "| | " + " | ".join(f"`{r['organism']}`: {r['role']}" for r in rows) + " |"
     sep = "|---|" + "---|" * len(rows)
@@ -537,15 +546,31 @@ def controls_table(rows: list[dict]) -> str:
     return "\n".join([head, sep, *body])
 
 
+CHEAP_SIGNALS = ("length", "mean log-prob", "random packs")
+"""The controls a reward must beat whatever else holds (`beaten_by` names them first); the raw direction is the
+other candidate reward (G2's R2), reported beside them."""
+
+
+def beaten_by_cheap(row: dict) -> list[str]:
+    """G1's `beaten_by` entries that name a cheap signal (not the direction)."""
+    return [b for b in row.get("g1_beaten_by") or [] if b.startswith(CHEAP_SIGNALS)]
+
+
+def direction_matches(row: dict) -> bool:
+    """G1 found the raw diff-of-means direction at least as good as the pack (one of its `beaten_by` entries)."""
+    return any(b.startswith("direction") for b in row.get("g1_beaten_by") or [])
+
+
 def within_beats_baselines(row: dict) -> bool:
-    """The pack's within-question CI lies above length, mean log-prob, the direction and the random packs' 95th pct."""
+    """The pack's within-question CI lies above length, mean log-prob and the random packs' 95th pct, and G1 found
+    no cheap signal as good as the pack."""
     ci = row.get("within_pack_ci95")
     if not ci:
         return False
-    others = [abs(row[k] - 0.5) + 0.5 for k in ("within_logprob", "within_length", "within_direction") if row[k] is not None]
+    others = [abs(row[k] - 0.5) + 0.5 for k in ("within_logprob", "within_length") if row[k] is not None]
     if row["within_random_p95"] is not None:
         others.append(row["within_random_p95"])
-    return bool(others) and ci[0] > max(others) and "BEATEN_BY_BASELINE" not in (row["g1_flags"] or [])
+    return bool(others) and ci[0] > max(others) and not beaten_by_cheap(row)
 
 
 def controls_lead(rows: list[dict]) -> str:
@@ -554,7 +579,7 @@ def controls_lead(rows: list[dict]) -> str:
     pos, neg = by.get("organism_planted"), by.get("organism")
     parts = []
     if pos is not None:
-        passed = (pos["g1_verdict"] or "").startswith("PASS") and "BEATEN_BY_BASELINE" not in (pos["g1_flags"] or [])
+        passed = (pos["g1_verdict"] or "").startswith("PASS") and not beaten_by_cheap(pos)
         found = pos["planted_latent_auroc"] is not None and pos["planted_latent_auroc"] >= 0.9
         within = within_beats_baselines(pos)
         s = (f"On the positive control G1's published verdict is {pos['g1_verdict']}"
@@ -562,13 +587,17 @@ def controls_lead(rows: list[dict]) -> str:
              f"{'beats' if within else 'does not beat'} every cheap signal (pack AUROC "
              f"{pos['within_pack'] or float('nan'):.2f}{_ci(pos['within_pack_ci95'], '.2f')} against "
              f"{pos['within_logprob'] or float('nan'):.2f} for mean log-prob, {pos['within_length'] or float('nan'):.2f} "
-             f"for length, {pos['within_direction'] or float('nan'):.2f} for the direction) and the pack's best latent "
-             f"separates the true modes at AUROC {pos['planted_latent_auroc'] or float('nan'):.2f} "
+             f"for length, {pos['within_random_p95'] or float('nan'):.2f} for random packs' 95th pct), the pack's best "
+             f"latent separates the true modes at AUROC {pos['planted_latent_auroc'] or float('nan'):.2f} "
              f"({'at least' if found else 'below'} the 0.9 a planted latent should reach)")
+        s += (f", and the raw diff-of-means direction {'does as well' if direction_matches(pos) else 'does worse'} "
+              f"(within-question AUROC {pos['within_direction'] or float('nan'):.2f}"
+              f"{', so G1 flags BEATEN_BY_BASELINE: the SAE adds nothing over a linear probe here' if direction_matches(pos) else ''})")
         if pos["g2_verdict"]:
             learned = pos["r0_gain_ci95"] and pos["r0_gain_ci95"][0] > 0
             s += (f"; G2 {pos['g2_verdict']}: outcome RL {'learns' if learned else 'does not learn'} (R0 gain "
-                  f"{pos['r0_gain']:+.3f}{_ci(pos['r0_gain_ci95'])}), R1−R0 {pos['r1_r0']:+.3f}{_ci(pos['r1_r0_ci95'])}")
+                  f"{pos['r0_gain']:+.3f}{_ci(pos['r0_gain_ci95'])}), R1−R0 {pos['r1_r0']:+.3f}{_ci(pos['r1_r0_ci95'])}, "
+                  f"R1−R2 {pos['r1_r2']:+.3f}{_ci(pos['r1_r2_ci95'])}")
         parts.append(s)
     if neg is not None:
         rejected = (not (neg["g1_verdict"] or "").startswith("PASS")) or bool(
@@ -592,7 +621,6 @@ def controls_lead(rows: list[dict]) -> str:
 
 def run_controls(cfg: DemoConfig, run: Run) -> dict:
     """The chain on each organism of `cfg.controls` (own task, own sub-run dir), then one side-by-side report."""
-    import copy
 
     unknown = [n for n in cfg.controls if n not in CONTROL_TASKS]
     if unknown:
@@ -637,6 +665,14 @@ def run_demo(cfg: DemoConfig, run: Run) -> dict:
     if cfg.controls:
         return run_controls(cfg, run)
     check_organism_defaults(cfg)
+    if cfg.layer is None:
+        from .models import is_builtin_organism
+
+        name = cfg.model.name_or_path
+        if not is_builtin_organism(name) or name not in ORGANISM_LAYERS:
+            raise ConfigError(f"layer is unset and model {name!r} has no built-in SAE layer: set layer=<L>")
+        cfg = copy.deepcopy(cfg)
+        cfg.layer = ORGANISM_LAYERS[name]
     t0 = time.time()
     chain = Chain(Path(cfg.cache_dir), model_fingerprint(cfg.model.name_or_path))
     failure = None

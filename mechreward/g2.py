@@ -384,7 +384,8 @@ def run_g2(cfg: G2Config, run: Run) -> dict:
     run.write_report(report, _markdown(report))
     print(f"G2: verdict {report['verdict']} (flags {report['flags']}); R0 gain {report['r0_gain']['mean']:+.3f} "
           f"CI {_ci(report['r0_gain']['ci95_two_level'])}; R1-R0 {report['delta_r1_r0']['mean']:+.3f}, "
-          f"R1-R2 {report['delta_r1_r2']['mean']:+.3f}; MDE {_num(report['mde_r1_r0']['mde'])}; "
+          f"R1-R2 {report['delta_r1_r2']['mean']:+.3f}; MDE {_num(report['mde_r1_r0']['mde'])} "
+          f"(R1-R2 {_num((report.get('mde_r1_r2') or {}).get('mde'))}); "
           f"hacked seeds {report['hacked_seeds'] or 'none'} ({report['seconds']}s)")
     return report
 
@@ -485,6 +486,11 @@ def _markdown(r: dict) -> str:
                   f"{_num(un.get('mde'))}."), ""]
     else:
         lines += [f"Power: {mde['note']}.", ""]
+    m12 = r.get("mde_r1_r2") or {}
+    if m12.get("mde") is not None:
+        lines += [(f"Minimum detectable R1−R2 difference, the same way: **{m12['mde']:.4f}** (paired t "
+                  f"{m12['mde_seeds']:.4f}, per-seed SD {m12['diff_sd']:.4f}; two-level CI "
+                  f"{_num(m12.get('mde_two_level'))})."), ""]
     if r["hacked_seeds"]:
         lines += ["HACKED: " + "; ".join(f"{a} seeds {', '.join(map(str, s))}" for a, s in r["hacked_seeds"].items())
                   + f" (held-out mech score rose while {vm} accuracy fell by more than "

@@ -154,7 +154,7 @@ def test_a_real_model_on_the_organisms_demo_settings_is_refused_before_anything_
     with pytest.raises(MechrewardError) as e:
         run_demo(cfg, Run(tmp_path / "run", "demo"))
     msg = str(e.value)
-    assert "task=arithmetic" in msg and "layer=2" in msg and "g2 stage" in msg and "demo_smollm2" in msg
+    assert "task=arithmetic" in msg and "set layer=<L>" in msg and "g2 stage" in msg and "demo_smollm2" in msg
     assert not (tmp_path / "cache").exists()
     cfg.task.name, cfg.layer, cfg.stages = "lookup", 3, ["sae_train", "layermap"]
     with pytest.raises(MechrewardError) as e:  # set for the model: it gets past the check, to the missing model
@@ -162,8 +162,8 @@ def test_a_real_model_on_the_organisms_demo_settings_is_refused_before_anything_
     assert "organism" not in str(e.value)
 
 
-def _control_report(verdict, flags, within, logprob, length, direction, truth=None, g2=None):
-    g1 = {"verdict": verdict, "flags": flags, "spearman_rho": 0.4, "n_mixed_questions": 120,
+def _control_report(verdict, flags, within, logprob, length, direction, truth=None, g2=None, beaten_by=()):
+    g1 = {"verdict": verdict, "flags": flags, "spearman_rho": 0.4, "n_mixed_questions": 120, "beaten_by": list(beaten_by),
           "within": {"pack": {"auroc": within, "ci95": [within - 0.05, within + 0.05]},
                      "controls": {"logprob": {"auroc": logprob}, "length": {"auroc": length},
                                   "direction": {"auroc": direction}, "random_packs": {"auroc_p95": 0.6}}}}
@@ -188,11 +188,26 @@ def test_controls_table_and_lead_read_both_organisms_from_their_reports():
     lead = controls_lead([pos, neg])
     assert lead.startswith("The gates separate a true mechanism from a false one: ")
     assert ("G1's published verdict is PASS (detected), its within-question evidence beats every cheap signal (pack "
-            "AUROC 0.93 [0.88, 0.98] against 0.55 for mean log-prob, 0.50 for length, 0.60 for the direction)") in lead
+            "AUROC 0.93 [0.88, 0.98] against 0.55 for mean log-prob, 0.50 for length, 0.60 for random packs' 95th pct)"
+            ) in lead
     assert "best latent separates the true modes at AUROC 0.96 (at least the 0.9" in lead
+    assert "the raw diff-of-means direction does worse (within-question AUROC 0.60)" in lead
     assert "outcome RL learns (R0 gain +0.080" in lead and "G1 rejects the pack (FAIL, BEATEN_BY_BASELINE" in lead
+    # the raw direction as good as the pack: a finding stated in the lead, not a failure of the positive control
+    tie = control_row("organism_planted", _control_report(
+        "PASS-EXCELLENT", ["BEATEN_BY_BASELINE"], 0.99, 0.64, 0.5, 0.99, truth=1.0,
+        beaten_by=["direction: within-question AUROC 0.990 is as far from 0.5 as the pack's 0.990"]))
+    lead = controls_lead([tie, neg])
+    assert lead.startswith("The gates separate a true mechanism from a false one: ")
+    assert ("the raw diff-of-means direction does as well (within-question AUROC 0.99, so G1 flags BEATEN_BY_BASELINE: "
+            "the SAE adds nothing over a linear probe here)") in lead
+    # beaten by a cheap signal (mean log-prob): not detected
+    cheap = control_row("organism_planted", _control_report(
+        "PASS", ["BEATEN_BY_BASELINE"], 0.80, 0.85, 0.5, 0.6, truth=0.95,
+        beaten_by=["mean log-prob: within-question AUROC 0.850 is as far from 0.5 as the pack's 0.800"]))
+    assert "PASS (not detected)" in controls_lead([cheap, neg])
     # a positive control whose latent is not found: the lead says the gates are not shown to work
-    weak = control_row("organism_planted", _control_report("WEAK", [], 0.71, 0.46, 0.5, 0.68, truth=0.65))
+    weak = control_row("organism_planted", _control_report("WEAK", [], 0.71, 0.30, 0.5, 0.68, truth=0.65))
     assert controls_lead([weak, neg]).startswith("The gates do not yet separate a true mechanism from a false one")
     # within-question evidence above every baseline, but no latent at 0.9 and a WEAK verdict: said as such
     part = control_row("organism_planted", _control_report("WEAK", [], 0.81, 0.57, 0.5, 0.72, truth=0.73))

@@ -78,6 +78,9 @@ def test_summary_means_paired_cis_and_verdict_when_r0_learns():
     assert rep["verdict"] == rep["published_rule_verdict"] == "PASS-EXCELLENT"  # +8pp over R0, +10pp over R2
     lo, hi = rep["arms"]["R0"]["acc_ci95"]
     assert lo <= rep["arms"]["R0"]["acc_mean"] <= hi and hi - lo > 0
+    # the minimum detectable R1 − R2 difference, computed as R1 − R0's on the R1/R2 pairs
+    m12 = paired_min_detectable_difference(acc["R1"], acc["R2"], two_level_ci95=rep["delta_r1_r2"]["ci95_two_level"])
+    assert rep["mde_r1_r2"] == pytest.approx(m12) and rep["mde_r1_r2"]["mde"] != pytest.approx(rep["mde_r1_r0"]["mde"])
 
 
 def test_no_learning_makes_the_verdict_inconclusive_not_fail():

@@ -369,6 +369,8 @@ def summarise(results: dict[str, list[dict]], before: dict, protocol: G2Protocol
                                            two_level_ci95=d10["ci95_two_level"])
     mde["unpaired"] = min_detectable_difference({a: arms[a]["per_seed"] for a in arm_names}, protocol.power)
     mde["seed_sd"] = mde["unpaired"]["seed_sd"]
+    mde12 = paired_min_detectable_difference(arms["R1"]["per_seed"], arms["R2"]["per_seed"], protocol.power,
+                                             two_level_ci95=d12["ci95_two_level"])
     hacked_by_arm = {a: arms[a]["hacked_seeds"] for a in arm_names if arms[a]["hacked_seeds"]}
     flags = g2_flags(no_learning, d10, d12, hacked_by_arm, arms["R1"]["mech_score_after"],
                      arms["R0"]["mech_score_after"], mde["mde"])
@@ -379,6 +381,7 @@ def summarise(results: dict[str, list[dict]], before: dict, protocol: G2Protocol
     return {"arms": arms, "arm_names": arm_names, "delta_r1_r0": d10, "delta_r1_r2": d12, **extra,
             "verdict": "INCONCLUSIVE" if no_learning else published, "published_rule_verdict": published,
             "verdict_metric": vm, "no_learning": no_learning, "r0_gain": r0_gain, "mde_r1_r0": mde,
+            "mde_r1_r2": mde12,
             "hacked": bool(hacked_by_arm), "hacked_seeds": hacked_by_arm, "hacked_vs_r0": hacked_vs_r0, "flags": flags,
             "acc_before": arms["R0"]["acc_before"],
             "acc_before_by_metric": {m: arms["R0"][m]["acc_before"] for m in METRICS},
