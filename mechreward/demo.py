@@ -110,8 +110,8 @@ class DemoConfig:
 
 ORGANISM_LAYERS = {"organism": 2, "organism_planted": 4}
 """The SAE layer of each built-in organism: the commit layer of its own layer map (the demo's `layermap` stage
-reports it; on the planted organism also its peak and recommended layer). On the planted organism the mode is
-decided at L3 and after; below it, no SAE latent separates the modes."""
+reports it; on the planted organism also its peak and recommended layer). At L2 the planted organism's best pack
+latent separates its modes at AUROC 0.68 only (docs/positive_control.md)."""
 CONTROL_TASKS = {"organism_planted": "planted", "organism": "arithmetic"}
 """The task each built-in organism runs on in the demo's `controls`."""
 CONTROL_ROLES = {"organism_planted": "positive control (planted mode)", "organism": "negative control (natural)"}
@@ -470,7 +470,7 @@ def check_organism_defaults(cfg: DemoConfig) -> None:
     if cfg.task.name == "arithmetic":
         leaks.append("task=arithmetic (the organism's task)")
     if cfg.layer is None:
-        leaks.append("no layer (the organism's SAE layer would be used: set layer=<L>)")
+        leaks.append("no layer (set layer=<L> for your model)")
     if "g2" in cfg.stages:
         leaks.append("the g2 stage (it runs the organism's G2 protocol; leave it out with "
                      "stages=[sae_train,layermap,rollouts,probe,g1,features] and run `python -m mechreward.g2` "
@@ -546,19 +546,23 @@ def controls_table(rows: list[dict]) -> str:
     return "\n".join([head, sep, *body])
 
 
-CHEAP_SIGNALS = ("length", "mean log-prob", "random packs")
-"""The controls a reward must beat whatever else holds (`beaten_by` names them first); the raw direction is the
-other candidate reward (G2's R2), reported beside them."""
+DIRECTION = "direction"
+"""The control in G1's `beaten_by` that is not a cheap signal but the other candidate reward (G2's R2): a tie with
+it is reported as a finding; length, mean log-prob and random packs must be beaten."""
 
 
-def beaten_by_cheap(row: dict) -> list[str]:
-    """G1's `beaten_by` entries that name a cheap signal (not the direction)."""
-    return [b for b in row.get("g1_beaten_by") or [] if b.startswith(CHEAP_SIGNALS)]
+def beaten_by_cheap(row: dict) -> set[str]:
+    """The cheap signals (every control but the direction) that G1 found at least as good as the pack."""
+    from .gates.g1 import beaten_names
+
+    return beaten_names(row.get("g1_beaten_by") or []) - {DIRECTION}
 
 
 def direction_matches(row: dict) -> bool:
-    """G1 found the raw diff-of-means direction at least as good as the pack (one of its `beaten_by` entries)."""
-    return any(b.startswith("direction") for b in row.get("g1_beaten_by") or [])
+    """G1 found the raw diff-of-means direction at least as good as the pack."""
+    from .gates.g1 import beaten_names
+
+    return DIRECTION in beaten_names(row.get("g1_beaten_by") or [])
 
 
 def within_beats_baselines(row: dict) -> bool:
@@ -590,9 +594,10 @@ def controls_lead(rows: list[dict]) -> str:
              f"for length, {pos['within_random_p95'] or float('nan'):.2f} for random packs' 95th pct), the pack's best "
              f"latent separates the true modes at AUROC {pos['planted_latent_auroc'] or float('nan'):.2f} "
              f"({'at least' if found else 'below'} the 0.9 a planted latent should reach)")
-        s += (f", and the raw diff-of-means direction {'does as well' if direction_matches(pos) else 'does worse'} "
+        tie = direction_matches(pos)
+        s += (f", and the raw diff-of-means direction {'does as well' if tie else 'does worse'} "
               f"(within-question AUROC {pos['within_direction'] or float('nan'):.2f}"
-              f"{', so G1 flags BEATEN_BY_BASELINE: the SAE adds nothing over a linear probe here' if direction_matches(pos) else ''})")
+              f"{', so G1 flags BEATEN_BY_BASELINE: the SAE adds nothing over a linear probe here' if tie else ''})")
         if pos["g2_verdict"]:
             learned = pos["r0_gain_ci95"] and pos["r0_gain_ci95"][0] > 0
             s += (f"; G2 {pos['g2_verdict']}: outcome RL {'learns' if learned else 'does not learn'} (R0 gain "
@@ -666,10 +671,8 @@ def run_demo(cfg: DemoConfig, run: Run) -> dict:
         return run_controls(cfg, run)
     check_organism_defaults(cfg)
     if cfg.layer is None:
-        from .models import is_builtin_organism
-
         name = cfg.model.name_or_path
-        if not is_builtin_organism(name) or name not in ORGANISM_LAYERS:
+        if name not in ORGANISM_LAYERS:
             raise ConfigError(f"layer is unset and model {name!r} has no built-in SAE layer: set layer=<L>")
         cfg = copy.deepcopy(cfg)
         cfg.layer = ORGANISM_LAYERS[name]

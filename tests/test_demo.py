@@ -175,6 +175,7 @@ def _control_report(verdict, flags, within, logprob, length, direction, truth=No
 
 def test_controls_table_and_lead_read_both_organisms_from_their_reports():
     from mechreward.demo import control_row, controls_lead, controls_table
+    from mechreward.gates.g1 import beaten_by
 
     g2 = {"verdict": "PASS-PARTIAL", "flags": [], "r0_gain": {"mean": 0.08, "ci95_two_level": [0.04, 0.12]},
           "delta_r1_r0": {"mean": 0.03, "ci95_two_level": [0.01, 0.05]},
@@ -196,7 +197,7 @@ def test_controls_table_and_lead_read_both_organisms_from_their_reports():
     # the raw direction as good as the pack: a finding stated in the lead, not a failure of the positive control
     tie = control_row("organism_planted", _control_report(
         "PASS-EXCELLENT", ["BEATEN_BY_BASELINE"], 0.99, 0.64, 0.5, 0.99, truth=1.0,
-        beaten_by=["direction: within-question AUROC 0.990 is as far from 0.5 as the pack's 0.990"]))
+        beaten_by=beaten_by(0.85, 0.99, {"direction": (None, 0.99)})))  # G1's own entries
     lead = controls_lead([tie, neg])
     assert lead.startswith("The gates separate a true mechanism from a false one: ")
     assert ("the raw diff-of-means direction does as well (within-question AUROC 0.99, so G1 flags BEATEN_BY_BASELINE: "
@@ -204,7 +205,7 @@ def test_controls_table_and_lead_read_both_organisms_from_their_reports():
     # beaten by a cheap signal (mean log-prob): not detected
     cheap = control_row("organism_planted", _control_report(
         "PASS", ["BEATEN_BY_BASELINE"], 0.80, 0.85, 0.5, 0.6, truth=0.95,
-        beaten_by=["mean log-prob: within-question AUROC 0.850 is as far from 0.5 as the pack's 0.800"]))
+        beaten_by=beaten_by(0.4, 0.80, {"mean log-prob": (None, 0.85)})))
     assert "PASS (not detected)" in controls_lead([cheap, neg])
     # a positive control whose latent is not found: the lead says the gates are not shown to work
     weak = control_row("organism_planted", _control_report("WEAK", [], 0.71, 0.30, 0.5, 0.68, truth=0.65))

@@ -37,6 +37,7 @@ from .. import stats
 from ..errors import ConfigError, DataError
 from ..probe import FeaturePack, FeatureStats, SelectionConfig, build_pack, check_labels
 from ..prompts import format_of_header
+from ..tasks.planted import MODES as PLANTED_MODES
 
 THRESHOLDS = ((0.50, "PASS-EXCELLENT"), (0.30, "PASS"), (0.10, "WEAK"))
 """Published verdict thresholds on the validation Spearman ρ; below the last: FAIL."""
@@ -139,6 +140,11 @@ def beaten_by(rho: float, within_auroc: float | None, controls: dict[str, tuple[
     if random_within_p95 is not None and within_auroc is not None and random_within_p95 >= within_auroc:
         out.append(f"random packs: within-question AUROC 95th pct {random_within_p95:.3f} >= pack {within_auroc:.3f}")
     return out
+
+
+def beaten_names(entries: Sequence[str]) -> set[str]:
+    """The control names in `beaten_by`'s entries ("direction", "mean log-prob", "length", "random packs")."""
+    return {e.split(":", 1)[0] for e in entries}
 
 
 # --------------------------------------------------------------------------- split
@@ -339,8 +345,8 @@ def g1_statistics(score, labels, groups, length, logprob, direction_score, rando
 
 # --------------------------------------------------------------------------- ground truth
 
-TRUE_MODES = ("right", "swap")
-"""Ground-truth solving modes a task may record per rollout (`mode`; `mechreward.tasks.planted.MODES`):
+TRUE_MODES = PLANTED_MODES
+"""Ground-truth solving modes a task may record per rollout (`mode`; `mechreward.tasks.planted`):
 the first is the right rule."""
 
 
